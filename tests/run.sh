@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite, in order: export in sync, notebooks clean, notebook tests, pytest.
+# README command (2) and .ci/run call exactly this after installing the dev extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+
+# System packages the browser tests need (Debian's chromium; Playwright's own download does not work offline).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing chromium (apt)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+      || echo "WARNING: could not install chromium; browser tests will fail"
+  fi
+fi
+
+echo "== nbdev_export (the package must equal the notebooks)"
+nbdev_export
+if ! git diff --quiet -- tps/ || [ -n "$(git ls-files --others --exclude-standard -- tps/)" ]; then
+  echo "FAIL: nbdev_export changed tps/: the notebooks and the package are out of sync"; git status --short -- tps/; exit 1
+fi
+
+echo "== nbdev_clean (notebooks must be committed clean)"
+nbdev_clean
+if ! git diff --quiet -- nbs/; then
+  echo "FAIL: nbdev_clean changed notebooks:"; git diff --stat -- nbs/; exit 1
+fi
+
+echo "== README in sync with nbs/index.ipynb"
+python -m tps.docs readme --check
+
+echo "== nbdev_test"
+nbdev_test --n_workers 2
+
+echo "== pytest"
+python -m pytest tests/ -ra
