@@ -1,0 +1,210 @@
+"Training: lr schedule per group (both modes), every method runs, checkpoint pruning, NaN stop, exact resume after SIGKILL."
+import json, os, subprocess, sys, textwrap
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tps.config import get_preset, save_config
+
+# ---------------------------------------------------------------- a tiny benchmark in the real layouts
+# Four scene classes drawn as horizontal bands (+ a box): sky, building, road, car. Source and target render them
+# with different colours (the domain gap). Written here so these tests need nothing but the loaders.
+_VIPER = {'sky': 2, 'building': 9, 'road': 3, 'car': 24}
+_CITY = {'sky': 23, 'building': 11, 'road': 7, 'car': 26}
+_SRC_RGB = {'sky': (90, 150, 230), 'building': (150, 100, 80), 'road': (110, 110, 110), 'car': (200, 30, 30)}
+_TGT_RGB = {'sky': (140, 170, 200), 'building': (120, 110, 100), 'road': (80, 80, 90), 'car': (150, 40, 60)}
+
+
+def _scene(rng, W, H, shift):
+    lab = np.empty((H, W), object)
+    h1, h2 = H // 3 + rng.integers(-2, 3), 2 * H // 3 + rng.integers(-2, 3)
+    lab[:h1], lab[h1:h2], lab[h2:] = 'sky', 'building', 'road'
+    x0 = (W // 8 + shift) % (W // 2)
+    lab[h2 - 3:h2 + 3, x0:x0 + W // 5] = 'car'
+    return lab
+
+
+def _render(lab, pal, rng):
+    img = np.zeros(lab.shape + (3,), np.float32)
+    for k, c in pal.items(): img[lab == k] = c
+    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+
+
+def _ids(lab, table):
+    out = np.zeros(lab.shape, np.uint8)
+    for k, v in table.items(): out[lab == k] = v
+    return out
+
+
+def make_tiny_benchmark(root, size=(64, 32), n_src=4, n_train=4, n_val=2, seed=0) -> Path:
+    "viper/, viper_flow/, cityscapes/, cityscapes_flow/{train,val} with tiny frames; flows are zero."
+    from tps.flow import write_flow, flow_name
+    root, (W, H) = Path(root), size
+    rng = np.random.default_rng(seed)
+    zero = torch.zeros(2, H, W)
+    for i in range(n_src):
+        seq = f'{i + 1:03d}'
+        d = root/'viper/train/img'/seq; d.mkdir(parents=True, exist_ok=True)
+        (root/'viper/train/cls'/seq).mkdir(parents=True, exist_ok=True)
+        (root/'viper_flow').mkdir(parents=True, exist_ok=True)
+        for f in (9, 10):
+            lab = _scene(rng, W, H, f)
+            Image.fromarray(_render(lab, _SRC_RGB, rng)).save(d/f'{seq}_{f:05d}.jpg', quality=95)
+            Image.fromarray(_ids(lab, _VIPER), mode='L').save(root/'viper/train/cls'/seq/f'{seq}_{f:05d}.png')
+        write_flow(root/'viper_flow'/flow_name('viper', f'{seq}_00010.jpg', 9), zero)
+    for split, n in (('train', n_train), ('val', n_val)):
+        img_dir = root/'cityscapes/leftImg8bit_sequence'/split/'aachen'
+        gt_dir = root/'cityscapes/gtFine'/split/'aachen'
+        fl_dir = root/'cityscapes_flow'/split
+        for p in (img_dir, gt_dir, fl_dir): p.mkdir(parents=True, exist_ok=True)
+        for s in range(n):
+            for f in (17, 18, 19):
+                lab = _scene(rng, W, H, f + s)
+                name = f'aachen_{s:06d}_{f:06d}_leftImg8bit.png'
+                Image.fromarray(_render(lab, _TGT_RGB, rng)).save(img_dir/name)
+                if f == 19: Image.fromarray(_ids(lab, _CITY)).save(gt_dir/f'aachen_{s:06d}_{f:06d}_gtFine_labelIds.png')
+                if f > 17: write_flow(fl_dir/flow_name('cityscapes', name, f - 1), zero)
+    return root
+
+
+def tiny_config(data, out, method='tps', **train):
+    "The demo preset pointed at the tiny benchmark: 64x32 frames, ResNet-18, CPU, deterministic."
+    cfg = get_preset('demo')
+    d = cfg.data
+    d.source_root, d.source_flow_root = str(data/'viper'), str(data/'viper_flow')
+    d.target_root, d.target_flow_root = str(data/'cityscapes'), str(data/'cityscapes_flow')
+    d.source_size = d.target_size = (64, 32)
+    d.num_workers, d.batch_size = 0, 1
+    cfg.eval.input_size = cfg.eval.label_size = (64, 32)
+    cfg.model.arch, cfg.model.channels_last = 'resnet18', False
+    t = cfg.train
+    t.method, t.out_root, t.device, t.deterministic = method, str(out), 'cpu', True
+    t.iters, t.max_iters, t.save_every, t.log_every, t.keep_last, t.lr = 4, 100, 2, 1, 0, 2.5e-3
+    for k, v in train.items(): setattr(t, k, v)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    "One intra-op thread: tiny tensors gain nothing from more, and CI runs tests beside other jobs on 2 cores."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    return make_tiny_benchmark(tmp_path_factory.mktemp('tiny'))
+
+
+# ---------------------------------------------------------------- tests
+@pytest.mark.parametrize('legacy', [False, True])
+def test_lr_schedule_per_group(legacy):
+    from tps.model import TPSNet
+    from tps.train import build_optimizer, set_lr, poly_lr
+    cfg = get_preset('demo').train
+    cfg.lr, cfg.max_iters, cfg.power, cfg.legacy_lr = 1e-3, 1000, 0.9, legacy
+    opt = build_optimizer(TPSNet('resnet18', 15), cfg)
+    assert [g['name'] for g in opt.param_groups] == ['backbone', 'fusion', 'heads']
+    assert [g['lr'] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3, 1e-2])
+    assert opt.defaults['momentum'] == cfg.momentum and opt.defaults['weight_decay'] == cfg.weight_decay
+    for it in (0, 1, 250, 999):
+        p = 1e-3 * (1 - it / 1000) ** 0.9
+        assert poly_lr(1e-3, it, 1000) == pytest.approx(p)
+        lrs = set_lr(opt, it, cfg)
+        want = [p, 10 * p, 1e-2] if legacy else [p, p, 10 * p]  # legacy: fusion 10x poly, heads constant 10x lr
+        assert lrs == pytest.approx(want) and [g['lr'] for g in opt.param_groups] == pytest.approx(want)
+
+
+@pytest.mark.parametrize('method', ['source_only', 'pixmatch', 'tps', 'oracle'])
+def test_method_runs(tiny_data, tmp_path, method):
+    from tps.train import train, list_checkpoints, load_training_checkpoint
+    cfg = tiny_config(tiny_data, tmp_path, method, iters=3, save_every=1, keep_last=2)
+    run = train(cfg)
+    assert [p.name for p in list_checkpoints(run)] == ['iter_0000002.pth', 'iter_0000003.pth']  # keep_last=2
+    ck = load_training_checkpoint(run)
+    assert ck['iter'] == 3 and ck['config']['train']['method'] == method and len(ck['rng']) == 1
+    assert set(ck['rng'][0]) >= {'torch', 'numpy', 'python', 'generator', 'data'}
+    recs = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
+    assert [r['iter'] for r in recs] == [1, 2, 3]
+    keys = {'source_only': ['src'], 'oracle': ['tgt'], 'tps': ['src', 'tgt'], 'pixmatch': ['src', 'tgt']}[method]
+    for k in keys: assert all(np.isfinite(r[k]) for r in recs)
+    assert set(recs[0]['lr']) == {'backbone', 'fusion', 'heads'} and recs[0]['s_per_iter'] > 0 and recs[0]['peak_mem_mb'] > 0
+    assert (run/'done.json').exists() and (run/'config.yaml').exists()
+
+
+def test_nonfinite_loss_stops(tiny_data, tmp_path, monkeypatch):
+    import tps.train as T
+    calls = {'n': 0}
+    orig = T.STEPS['source_only']
+    def poisoned(ctx, src, tgt):
+        out = orig(ctx, src, tgt); calls['n'] += 1
+        if calls['n'] >= 4: out['src'] = out['src'] * float('nan')  # iteration 3 (0-based) goes bad
+        return out
+    monkeypatch.setitem(T.STEPS, 'source_only', poisoned)
+    cfg = tiny_config(tiny_data, tmp_path, 'source_only', iters=6, save_every=2, log_every=3)
+    with pytest.raises(T.NonFiniteLossError, match=r"'src' at iteration 3") as e:
+        T.train(cfg, run_dir=tmp_path/'run')
+    assert 'iter_0000002.pth' in str(e.value)
+    assert [p.name for p in T.list_checkpoints(tmp_path/'run')] == ['iter_0000002.pth']  # nothing saved after it
+    sd = T.load_training_checkpoint(tmp_path/'run')['model']
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+_CHILD = textwrap.dedent('''
+    import os, signal, sys
+    import tps.train as T
+    from tps.config import load_config
+    cfg, run, kill_at = load_config(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    orig = T.save_checkpoint
+    def save(path, state):
+        out = orig(path, state)
+        if state["iter"] == kill_at: os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    T.save_checkpoint = save
+    T.train(cfg, run_dir=run)
+''')
+
+
+def _child(cfg, run, kill_at, tmp_path):
+    cpath = tmp_path/f'cfg_{run.name}.yaml'; save_config(cfg, cpath)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'PYTHONHASHSEED': '0'}
+    return subprocess.run([sys.executable, '-c', _CHILD, str(cpath), str(run), str(kill_at)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_resume_after_sigkill_is_exact(tiny_data, tmp_path):
+    "A run SIGKILLed right after its iteration-2 checkpoint and resumed ends with the uninterrupted run's weights."
+    from tps.train import load_training_checkpoint
+    cfg = tiny_config(tiny_data, tmp_path, 'tps', iters=5, save_every=2, flip_p=0.5)
+    full = _child(cfg, tmp_path/'full', -1, tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _child(cfg, tmp_path/'killed', 2, tmp_path)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path/'killed'/'checkpoints'/'iter_0000004.pth').exists()
+    cfg.train.resume = str(tmp_path/'killed')
+    resumed = _child(cfg, tmp_path/'killed', -1, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_training_checkpoint(tmp_path/'full'/'checkpoints'/'iter_0000005.pth')
+    b = load_training_checkpoint(tmp_path/'killed'/'checkpoints'/'iter_0000005.pth')
+    assert a['model'].keys() == b['model'].keys()
+    diff = [k for k in a['model'] if not torch.equal(a['model'][k], b['model'][k])]
+    assert not diff, f"weights differ after resume: {diff[:5]}"
+    recs = [json.loads(l)['iter'] for l in (tmp_path/'killed'/'metrics.jsonl').read_text().splitlines()]
+    assert recs == [1, 2, 3, 4, 5]
+
+
+def test_batched_no_grad_pair_equals_two_passes():
+    "With eval-mode BN the teacher's two frames share one backbone pass; the result equals the plain forward."
+    from tps.model import TPSNet
+    from tps.train import StepContext, _no_grad_pair, _bn_batch_stats
+    torch.manual_seed(0)
+    net = TPSNet('resnet18', 5, bn='frozen').train()
+    assert not _bn_batch_stats(net) and _bn_batch_stats(TPSNet('resnet18', 5).train())
+    ctx = StepContext(net, get_preset('demo'), torch.Generator(), torch.device('cpu'))
+    x1, x2, flow = torch.randn(2, 3, 32, 64), torch.randn(2, 3, 32, 64), torch.randn(2, 2, 16, 32)
+    a = _no_grad_pair(ctx, x1, x2, flow)
+    with torch.no_grad(): b = net(x1, x2, flow)
+    for u, v in zip(a, b): assert torch.allclose(u, v, atol=1e-4)
