@@ -30,7 +30,8 @@ echo "== README in sync with nbs/index.ipynb"
 python -m tps.docs readme --check
 
 echo "== nbdev_test"
-nbdev_test --n_workers 2
+# two notebooks at a time on two cores: one thread each avoids oversubscription
+OMP_NUM_THREADS=1 nbdev_test --n_workers 2
 
 echo "== pytest"
 python -m pytest tests/ -ra
