@@ -80,3 +80,14 @@ def test_demo_function(tiny_data, tmp_path):
     assert lines[0].startswith('| method | road |') and lines[0].endswith('| mIoU |')
     assert [l.split('|')[1].strip() for l in lines[2:]] == ['source_only', 'tps']
     assert (tmp_path/'results.md').exists() and (tmp_path/'results.csv').exists()
+
+
+def test_demo_command_runs_the_papermill_demo(monkeypatch):
+    "`tps demo` hands its options to tps.experiments.run_demo (the main job); `--quick` does not."
+    import tps.experiments, tps.cli
+    seen = {}
+    monkeypatch.setattr(tps.experiments, 'run_demo', lambda **kw: seen.update(kw) or {})
+    assert tps.cli.main(['demo', '--out', 'o', '--data', 'd', '--seeds', '4', '5', '--device', 'cpu', 'train.log_every=5']) == 0
+    assert seen['out'] == 'o' and seen['data'] == 'd' and seen['seeds'] == (4, 5) and seen['device'] == 'cpu'
+    assert seen['overrides'] == {'train.log_every': '5'} and seen['iters'] is None
+    assert tps.cli.main(['demo', 'train.nope=1']) == 2  # a bad override: one-line error, exit 2
