@@ -6,7 +6,8 @@ import torch
 from skimage.exposure import match_histograms as sk_match
 
 from tps.augment import (IMG_MEAN_BGR, to_input, from_input, match_histograms, draw_aug_params, scaled_size,
-                         strong_augment, legacy_augment_reference, flip_pair)
+                         strong_augment, legacy_augment_reference, flip_pair, gaussian_blur, blur_matrix, adjust_hue,
+                         to_device_async)
 from tps.warp import flow_warp
 
 CUDA = torch.cuda.is_available()
@@ -187,3 +188,85 @@ def test_augment_on_gpu_matches_cpu():
     assert torch.equal(la[0], lb[0].cpu()) and torch.equal(la[1], lb[1].cpu())
     gp = draw_aug_params(3, torch.Generator(device='cuda').manual_seed(0))
     assert len(gp['blur']) == 3
+
+
+# ---------------------------------------------------------------- the fast paths equal what they replace
+def _conv_blur(x, sigma):
+    "The separable Gaussian as a padded depthwise convolution (the previous implementation)."
+    half = math.ceil(3 * sigma)
+    t = torch.arange(-half, half + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2); k = k / k.sum()
+    C = x.shape[1]
+    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (half, half, 0, 0), mode='replicate'),
+                                   k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 0, half, half), mode='replicate'),
+                                      k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_blur_matrix_equals_depthwise_convolution(device):
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 3, 128, 256), (1, 3, 7, 100), (2, 3, 40, 9)):  # incl. images smaller than the kernel
+        x = torch.rand(*shape, generator=g)
+        for s in (5, 7, 9):
+            ours = gaussian_blur(x.to(device), s).cpu()
+            tol = 2e-6 if device == 'cpu' else 2e-3  # the GPU's convolution may use TF32
+            assert (ours - _conv_blur(x, s)).abs().max() < tol
+    m = blur_matrix(64, 7)
+    assert torch.allclose(m.sum(1), torch.ones(64)) and blur_matrix(64, 7) is m  # cached
+    assert (m[0, :22] > 0).all() and m[0, 22] == 0 and m[0, 0] > m[0, 1]  # row 0: taps to 3 sigma = 21, border folded in
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_adjust_hue_equals_torchvision(device):
+    from torchvision.transforms.v2 import functional as TF
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 3, 24, 32, generator=g)
+    x[0, :, :6] = x[0, :1, :6]                   # grey
+    x[1, 1, :6] = x[1, 0, :6]                    # max shared by R and G
+    x[2, :, :6] = (x[2, :, :6] * 8).round() / 8  # many ties
+    x[2, :, 6:8] = 0; x[2, :, 8:10] = 1          # black and white
+    for h in np.linspace(-0.5, 0.5, 21):
+        ours = adjust_hue(x.to(device), float(h)).cpu()
+        assert (ours - TF.adjust_hue(x, float(h))).abs().max() < 2e-5, h
+    with pytest.raises(ValueError, match='hue_factor'):
+        adjust_hue(x, 0.6)
+
+
+def test_histogram_lut_float32_equals_float64():
+    g = torch.Generator().manual_seed(3)
+    for seed in range(4):
+        src = _images(2, 90, 160, seed)
+        ref = ((torch.rand(2, 3, 64, 128, generator=g) ** (seed + 1)) * 200 + 30).to(torch.uint8)
+        a = match_histograms(src, ref, dtype=torch.float32)   # float32 LUTs
+        b = match_histograms(src, ref, dtype=torch.float64)   # float64 LUTs
+        assert (a.double() - b).abs().max() < 1e-3
+        assert (match_histograms(src, ref).int() - b.round().int()).abs().max() <= 1
+
+
+def test_to_device_async_and_host_masks():
+    m = torch.tensor([True, False])
+    assert to_device_async(m, 'cpu') is m
+    x = torch.rand(2, 3, 4, 6); f = torch.rand(2, 2, 4, 6)
+    a = flip_pair(x, x, f, mask=m)                  # host mask
+    b = flip_pair(x, x, f, mask=[True, False])      # list mask
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    if CUDA:
+        d = to_device_async(m, 'cuda')
+        assert d.is_cuda and d.tolist() == [True, False]
+
+
+@pytest.mark.skipif(not CUDA, reason='needs a GPU')
+def test_augment_and_histograms_have_no_host_sync():
+    "Strong augmentation (CPU generator), histogram matching, to_input and a host-mask flip never block the host."
+    d, c = _images(2, 64, 128, 0).cuda(), _images(2, 64, 128, 1).cuda()
+    g = torch.Generator().manual_seed(0)
+    def run():
+        for _ in range(4): strong_augment(d, c, g)
+        match_histograms(d, c); to_input(d)
+        flip_pair(d.float(), c.float(), torch.zeros(2, 2, 64, 128, device='cuda'), mask=torch.tensor([True, False]))
+    run()  # warm-up: blur matrices, constants
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try: run()
+    finally: torch.cuda.set_sync_debug_mode(0)

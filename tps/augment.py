@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 # %% auto #0
-__all__ = ['IMG_MEAN_BGR', 'to_input', 'from_input', 'match_histograms', 'draw_aug_params', 'scaled_size', 'gaussian_blur',
-           'legacy_augment_reference', 'strong_augment', 'flip_pair']
+__all__ = ['IMG_MEAN_BGR', 'to_device_async', 'to_input', 'from_input', 'match_histograms', 'draw_aug_params', 'scaled_size',
+           'blur_matrix', 'gaussian_blur', 'adjust_hue', 'legacy_augment_reference', 'strong_augment', 'flip_pair']
 
 # %% ../nbs/05_augment.ipynb #7e4a6b68
 IMG_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
@@ -28,18 +28,35 @@ def _check_image(x, name='x'):
         raise ValueError(f"{name}: expected shape (B,3,H,W) or (3,H,W), got {tuple(x.shape)}")
     return x, single
 
+_MEAN = {}  # device -> (1, 3, 1, 1) float32 mean
+
+def _mean_bgr(device: torch.device) -> torch.Tensor:
+    "`IMG_MEAN_BGR` as a (1,3,1,1) float32 tensor on `device`, made there once (`torch.tensor(..., device=cuda)` blocks)."
+    m = _MEAN.get(device)
+    if m is None:
+        with torch.inference_mode(False), torch.no_grad():
+            m = torch.stack([torch.full((), v, dtype=torch.float32, device=device) for v in IMG_MEAN_BGR]).view(1, 3, 1, 1)
+        _MEAN[device] = m
+    return m
+
+def to_device_async(x: torch.Tensor, device) -> torch.Tensor:
+    "Copy a small CPU tensor to `device` without making the host wait: pinned memory and `non_blocking` on CUDA."
+    device = torch.device(device)
+    if x.device.type == device.type and (device.index is None or x.device.index == device.index): return x
+    if x.device.type != 'cpu': return x.to(device)
+    if device.type == 'cuda': x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
 def to_input(x: torch.Tensor) -> torch.Tensor:
     "uint8 (or float 0..255) RGB (B,3,H,W) -> float32 BGR minus `IMG_MEAN_BGR`, the network's input."
     x, single = _check_image(x)
-    mean = torch.tensor(IMG_MEAN_BGR, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    out = x.flip(1).float() - mean  # (B, 3, H, W) BGR
+    out = x.flip(1).float() - _mean_bgr(x.device)  # (B, 3, H, W) BGR
     return out[0] if single else out
 
 def from_input(x: torch.Tensor) -> torch.Tensor:
     "Inverse of `to_input`: network input (B,3,H,W) -> float RGB 0..255 (for display)."
     x, single = _check_image(x)
-    mean = torch.tensor(IMG_MEAN_BGR, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    out = (x.float() + mean).flip(1)  # (B, 3, H, W) RGB
+    out = (x.float() + _mean_bgr(x.device)).flip(1)  # (B, 3, H, W) RGB
     return out[0] if single else out
 
 # %% ../nbs/05_augment.ipynb #73ab4f79
@@ -71,7 +88,7 @@ def match_histograms(src: torch.Tensor, ref: torch.Tensor, dtype=torch.uint8) ->
     B = src.shape[0]
     if ref.shape[0] not in (1, B): raise ValueError(f"ref: batch {ref.shape[0]} does not match src batch {B} (or 1)")
     ref = ref.expand(B, -1, -1, -1).to(src.device)
-    fdtype = torch.float32 if src.device.type == 'mps' else torch.float64
+    fdtype = torch.float64 if dtype == torch.float64 and src.device.type != 'mps' else torch.float32
     s = src.reshape(B * 3, -1).long()  # (B*3, H*W)
     lut = _match_lut(s, ref.reshape(B * 3, -1).long(), fdtype)  # (B*3, 256)
     out = lut.gather(1, s).view(src.shape)  # (B, 3, H, W)
@@ -82,7 +99,7 @@ def match_histograms(src: torch.Tensor, ref: torch.Tensor, dtype=torch.uint8) ->
 def draw_aug_params(n: int, generator: torch.Generator | None = None, legacy: bool = False,
                     radii=(5, 7, 9), p_blur=0.6, p_jitter=0.8, p_gray=0.2, jitter=(0.8, 0.8, 0.8, 0.2),
                     scale=(0.8, 1.2)) -> dict:
-    "Draw the strong-augmentation parameters of `n` pairs (and one rescale factor) from `generator`."
+    "Draw the strong-augmentation parameters of `n` pairs (and one rescale factor) from `generator` (best on the CPU)."
     dev = generator.device if generator is not None else 'cpu'
     u = torch.rand(n, 9, generator=generator, device=dev, dtype=torch.float64).cpu()  # (n, 9)
     order = torch.rand(n, 4, generator=generator, device=dev).cpu().argsort(1)        # (n, 4) random permutation
@@ -107,23 +124,62 @@ def scaled_size(h: int, w: int, r: float) -> tuple:
     return (round(h * r / 8) * 8, round(w * r / 8) * 8)
 
 # %% ../nbs/05_augment.ipynb #b71adba4
+def _gauss_kernel(sigma: float) -> torch.Tensor:
+    "Normalised 1-D Gaussian (K,) float32, K = 2 ceil(3 sigma) + 1."
+    half = math.ceil(3 * sigma)
+    t = torch.arange(-half, half + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+_BLUR = {}  # (n, sigma, device, dtype) -> (n, n) blur matrix
+
+def blur_matrix(n: int, sigma: float, device='cpu', dtype=torch.float32) -> torch.Tensor:
+    "(n, n) matrix `M` with `M @ v` = the 1-D Gaussian blur of `v` (n,) (kernel `2 ceil(3 sigma) + 1`, replicated edges)."
+    device = torch.device(device)
+    key = (int(n), float(sigma), device, dtype)
+    m = _BLUR.get(key)
+    if m is None:
+        k = _gauss_kernel(sigma)                                     # (K,)
+        half = (k.numel() - 1) // 2
+        src = (torch.arange(n)[:, None] + torch.arange(-half, half + 1)).clamp_(0, n - 1)  # (n, K) clamped tap sources
+        with torch.inference_mode(False), torch.no_grad():          # built on the CPU (deterministic), copied once
+            m = to_device_async(torch.zeros(n, n).scatter_add_(1, src, k.expand(n, -1).contiguous()).to(dtype), device)
+        if len(_BLUR) >= 64: _BLUR.clear()
+        _BLUR[key] = m
+    return m
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     "Separable Gaussian blur of float `x` (N,C,H,W) with std `sigma`, kernel `2 ceil(3 sigma) + 1`, replicated edges."
-    half = math.ceil(3 * sigma)
-    t = torch.arange(-half, half + 1, device=x.device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(x.dtype)  # (K,)
-    C = x.shape[1]
-    x = F.conv2d(F.pad(x, (half, half, 0, 0), mode='replicate'), k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    return F.conv2d(F.pad(x, (0, 0, half, half), mode='replicate'), k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+    H, W = x.shape[-2:]
+    x = x @ blur_matrix(W, sigma, x.device, x.dtype).T             # (N, C, H, W) blurred along W
+    return blur_matrix(H, sigma, x.device, x.dtype) @ x             # (N, C, H, W) and along H
+
+def adjust_hue(x: torch.Tensor, hue_factor: float) -> torch.Tensor:
+    "Shift the hue of float RGB `x` (..., 3, H, W) in [0, 1] by `hue_factor` turns: torchvision's `adjust_hue`, in closed form."
+    if not -0.5 <= hue_factor <= 0.5: raise ValueError(f"hue_factor={hue_factor} is not in [-0.5, 0.5]")
+    if x.shape[-3] != 3: raise ValueError(f"adjust_hue: expected 3 channels (..., 3, H, W), got {tuple(x.shape)}")
+    r, g, b = x.unbind(-3)                                          # (..., H, W) each
+    maxc = torch.maximum(torch.maximum(r, g), b)                    # V
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)           # V - min = V * S
+    div = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    h6 = torch.where(maxc == r, (g - b) / div,                     # hue in sextants, torchvision's case order
+                     torch.where(maxc == g, (b - r) / div + 2, (r - g) / div + 4))
+    h6 = torch.remainder(h6 + 6 * hue_factor, 6)                    # shifted hue in [0, 6)
+    # HSV -> RGB: channel n (R 5, G 3, B 1) is V - C * clamp(min(k, 4 - k), 0, 1) with k = (n + h6) mod 6
+    out = []
+    for n in (5, 3, 1):
+        k = torch.remainder(h6 + n, 6)
+        out.append(maxc - chroma * torch.minimum(k, 4 - k).clamp_(0, 1))
+    return torch.stack(out, -3)                                     # (..., 3, H, W)
 
 _JITTER = {0: ('brightness', TF.adjust_brightness), 1: ('contrast', TF.adjust_contrast),
-           2: ('saturation', TF.adjust_saturation), 3: ('hue', TF.adjust_hue)}
+           2: ('saturation', TF.adjust_saturation), 3: ('hue', adjust_hue)}
 
 def _augment_pair(pair, p, i):
     "Photometric augmentation of one pair (2,3,H,W) float in [0,1] with draw `i` of params `p`."
     H = pair.shape[2]
     if p['blur'][i]: pair = gaussian_blur(pair, p['radius'][i])
+    if not (p['jitter'][i] or p['gray'][i]): return pair
     x = torch.cat([pair[0], pair[1]], 1)[None]  # (1, 3, 2H, W): both frames as one image
     if p['jitter'][i]:
         for f in p['order'][i]:
@@ -194,9 +250,10 @@ def strong_augment(d: torch.Tensor, c: torch.Tensor, generator: torch.Generator 
         st = torch.stack([_legacy_pil_pair(stacked[i], p, i) for i in range(B)]).to(d.device)
         d_out, c_out = st[:, :, :H], st[:, :, H:]  # (B, 3, H, W) in [0, 1]
     else:
-        pairs = [_augment_pair(torch.stack([d[i], c[i]]).float() / 255, p, i) for i in range(B)]
-        d_out = to_input(torch.stack([q[0] for q in pairs]) * 255)  # (B, 3, H, W)
-        c_out = to_input(torch.stack([q[1] for q in pairs]) * 255)
+        pairs = [_augment_pair(torch.stack([d[i], c[i]]).float() / 255, p, i) for i in range(B)]  # (2, 3, H, W) each
+        st = to_input(torch.stack(pairs, 1).view(2 * B, 3, H, W) * 255)  # (2B, 3, H, W): all d, then all c
+        if rescale: st = F.interpolate(st, size=scaled_size(H, W, p['scale']), mode='bilinear', align_corners=True)
+        return st[:B], st[B:], p
     if rescale:
         size = scaled_size(H, W, p['scale'])
         d_out = F.interpolate(d_out, size=size, mode='bilinear', align_corners=True)
@@ -210,6 +267,7 @@ def flip_pair(x1: torch.Tensor, x2: torch.Tensor, flow: torch.Tensor, legacy: bo
     f = flow.flip(3)
     if not legacy: f = torch.cat([-f[:, :1], f[:, 1:]], 1)
     if mask is None: return x1.flip(3), x2.flip(3), f
-    m = torch.as_tensor(mask, device=x1.device).bool().view(-1, 1, 1, 1)
+    m = mask if torch.is_tensor(mask) else torch.as_tensor(mask)
+    m = to_device_async(m.bool(), x1.device).view(-1, 1, 1, 1)    # a host mask goes over without blocking
     return (torch.where(m, x1.flip(3), x1), torch.where(m, x2.flip(3), x2),
-            torch.where(m.to(flow.device), f, flow))
+            torch.where(to_device_async(m, flow.device), f, flow))

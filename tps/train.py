@@ -16,16 +16,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from .config import Config, config_to_dict, make_run_dir, save_config
 from .model import FusionOutput, build_model, param_groups
-from .augment import to_input, match_histograms, strong_augment, flip_pair
+from .augment import to_input, match_histograms, strong_augment, flip_pair, to_device_async
 from .losses import cross_frame_pseudo_labels, seg_loss, tps_loss
 from . import data as tps_data
 
 # %% auto #0
-__all__ = ['STEPS', 'poly_lr', 'set_lr', 'build_optimizer', 'ResumableSampler', 'InfiniteLoader', 'checkpoint_path',
-           'list_checkpoints', 'resolve_checkpoint', 'save_checkpoint', 'load_training_checkpoint', 'prune_checkpoints',
-           'seed_everything', 'rng_state', 'set_rng_state', 'StepContext', 'source_loss', 'tps_pseudo_labels',
-           'pixmatch_pseudo_labels', 'student_loss', 'step_source_only', 'step_tps', 'step_pixmatch', 'step_oracle',
-           'setup_distributed', 'NonFiniteLossError', 'train']
+__all__ = ['STEPS', 'poly_lr', 'set_lr', 'build_optimizer', 'load_optimizer_state', 'ResumableSampler', 'InfiniteLoader',
+           'checkpoint_path', 'list_checkpoints', 'resolve_checkpoint', 'save_checkpoint', 'load_training_checkpoint',
+           'prune_checkpoints', 'seed_everything', 'rng_state', 'set_rng_state', 'StepContext', 'source_loss',
+           'tps_pseudo_labels', 'pixmatch_pseudo_labels', 'student_loss', 'step_source_only', 'step_tps',
+           'step_pixmatch', 'step_oracle', 'compile_model', 'setup_distributed', 'NonFiniteLossError', 'train']
 
 # %% ../nbs/07_train.ipynb #a7c1ec64
 def poly_lr(base_lr: float, it: int, max_iters: int, power: float = 0.9) -> float:
@@ -44,8 +44,19 @@ def set_lr(optimizer: torch.optim.Optimizer, it: int, tcfg) -> list:
     return [g['lr'] for g in groups]
 
 def build_optimizer(net: torch.nn.Module, tcfg) -> torch.optim.SGD:
-    "SGD (momentum, weight decay) over `param_groups(net, lr)`: backbone, fusion, heads."
-    return torch.optim.SGD(param_groups(net, tcfg.lr), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
+    "SGD (momentum, weight decay) over `param_groups(net, lr)`: backbone, fusion, heads; fused when all on CUDA."
+    kw = dict(lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
+    params = list(net.parameters())
+    if params and all(p.is_cuda for p in params):
+        try: return torch.optim.SGD(param_groups(net, tcfg.lr), fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError): pass  # fused SGD unsupported here: the default implementation
+    return torch.optim.SGD(param_groups(net, tcfg.lr), **kw)
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict):
+    "`opt.load_state_dict(state)`, keeping this optimiser's implementation flags (fused/foreach): a run resumes on any device."
+    flags = [{k: g[k] for k in ('fused', 'foreach') if k in g} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for g, f in zip(opt.param_groups, flags): g.update(f)
 
 # %% ../nbs/07_train.ipynb #8e88b5c4
 class ResumableSampler(DistributedSampler):
@@ -153,7 +164,11 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None, loaders
     torch.set_rng_state(state['torch'])
     if state.get('cuda') is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
     np.random.set_state(state['numpy']); random.setstate(state['python'])
-    if generator is not None and state.get('generator') is not None: generator.set_state(state['generator'])
+    if generator is not None and state.get('generator') is not None:
+        try: generator.set_state(state['generator'])
+        except (RuntimeError, TypeError, ValueError) as e:
+            warnings.warn(f"the saved augmentation RNG state does not fit a {generator.device.type} generator ({e}); "
+                          "its stream restarts from the run seed")
     for k, v in (loaders or {}).items():
         if k in state.get('data', {}): v.load_state_dict(state['data'][k])
 
@@ -163,10 +178,15 @@ class StepContext:
     "What a step function needs besides the batches."
     net: torch.nn.Module          # the network (DDP-wrapped when distributed)
     cfg: Config
-    generator: torch.Generator    # augmentation / flip draws, on the training device
+    generator: torch.Generator    # augmentation / flip / rescale draws, on the CPU (no host sync)
     device: torch.device
     amp_dtype: torch.dtype | None = None  # autocast dtype (None = fp32)
     channels_last: bool = False
+
+    def __post_init__(self):
+        # a generator on an accelerator would make every draw a host sync: use a CPU one with its seed instead
+        if self.generator.device.type != 'cpu':
+            self.generator = torch.Generator().manual_seed(self.generator.initial_seed())
 
     def autocast(self):
         if self.amp_dtype is None: return nullcontext()
@@ -212,8 +232,10 @@ def tps_pseudo_labels(ctx: StepContext, tgt: dict):
     "SPEC 6.3: teacher on (b, a, flow b->a), optionally flipped; probabilities warped into d -> (pl_main, pl_aux)."
     t, B = ctx.cfg.train, tgt['b'].shape[0]
     b, a, flow_ba = tgt['b'], tgt['a'], tgt['flow_ba']
-    flipped = torch.rand(B, generator=ctx.generator, device=b.device) < t.flip_p   # (B,) bool, no host sync
-    if t.flip_p > 0: b, a, flow_ba = flip_pair(b, a, flow_ba, legacy=t.legacy_flip, mask=flipped)
+    flip = torch.rand(B, generator=ctx.generator) < t.flip_p       # (B,) bool on the CPU: the host knows the draw
+    flipped = to_device_async(flip, b.device)                       # (B,) bool on the device, copied without blocking
+    if t.flip_p > 0 and flip.any():
+        b, a, flow_ba = flip_pair(b, a, flow_ba, legacy=t.legacy_flip, mask=None if flip.all() else flipped)
     with ctx.autocast():
         out = _no_grad_pair(ctx, ctx.inp(b), ctx.inp(a), flow_ba)
     kw = dict(flipped=flipped, legacy=t.legacy_flip, conf_threshold=t.conf_threshold, flow_scale=ctx.cfg.model.flow_scale)
@@ -229,8 +251,10 @@ def pixmatch_pseudo_labels(ctx: StepContext, tgt: dict):
     t = ctx.cfg.train
     with ctx.autocast():
         out = _no_grad_pair(ctx, ctx.inp(tgt['d']), ctx.inp(tgt['c']), tgt['flow_dc'])
+    none = torch.zeros(tgt['d'].shape[0], dtype=torch.bool, device=tgt['d'].device)  # (B,) nothing flipped, made on the device
     def pl(s):  # no flow: the labels stay in the frame they were predicted on
-        return None if s is None else cross_frame_pseudo_labels(s.float().softmax(1), None, conf_threshold=t.conf_threshold)[0]
+        return None if s is None else cross_frame_pseudo_labels(s.float().softmax(1), None, flipped=none,
+                                                                 conf_threshold=t.conf_threshold)[0]
     return pl(out.fused_main), pl(out.fused_aux)                     # (B, h, w) each
 
 def student_loss(ctx: StepContext, tgt: dict, pl_main, pl_aux) -> dict:
@@ -274,6 +298,15 @@ def step_oracle(ctx: StepContext, src: dict, tgt: dict) -> dict:
 
 STEPS = {'source_only': step_source_only, 'pixmatch': step_pixmatch, 'tps': step_tps, 'oracle': step_oracle}
 "The step function of each `train.method`."
+
+# %% ../nbs/07_train.ipynb #01d6a776
+def compile_model(net: torch.nn.Module, dynamic: bool = True, **kwargs) -> torch.nn.Module:
+    "Compile the per-frame pass `single` of `net` (a `TPSNet`, possibly DDP-wrapped) in place with `torch.compile`."
+    target = _unwrap(net)
+    if not callable(getattr(target, 'single', None)): raise TypeError(f"compile_model: {type(target).__name__} has no `single` pass")
+    if 'single' not in vars(target):  # not compiled yet
+        target.single = torch.compile(type(target).single.__get__(target), dynamic=dynamic, **kwargs)
+    return net
 
 # %% ../nbs/07_train.ipynb #711bec3f
 def setup_distributed(device: str = 'auto') -> dict:
@@ -366,22 +399,22 @@ def train(cfg: Config, run_dir=None, eval_every: int = 0) -> Path:
         if channels_last: net = net.to(memory_format=torch.channels_last)
         net.train()
         opt = build_optimizer(net, t)
-        gen = torch.Generator(device).manual_seed(t.seed + rank)
+        gen = torch.Generator().manual_seed(t.seed + rank)  # augmentation draws, on the CPU (no host syncs)
         start = 0
         if ck is not None:
             _warn_config_changes(ck.get('config') or {}, config_to_dict(cfg), ck['path'])
-            net.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); start = int(ck['iter'])
+            net.load_state_dict(ck['model']); load_optimizer_state(opt, ck['optimizer']); start = int(ck['iter'])
             states = ck.get('rng') or []
             if isinstance(states, dict): states = [states]
             if len(states) != world:
                 warnings.warn(f"{ck['path']}: saved with {len(states)} process(es), resuming with {world}: "
                               "RNG streams and data order will differ from an uninterrupted run")
             if states: set_rng_state(states[rank % len(states)], gen, loaders if len(states) == world else None)
+        if t.compile: compile_model(net)  # the per-frame pass, dynamic shapes (see above)
         model = net
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             model = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None)
-        if t.compile: model.compile()
         amp = torch.bfloat16 if (device.type == 'cuda' and t.amp == 'bf16') else None
         ctx = StepContext(model, cfg, gen, device, amp, channels_last)
         step = STEPS[t.method]
