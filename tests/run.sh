@@ -27,7 +27,10 @@ if ! git diff --quiet -- nbs/; then
 fi
 
 echo "== README in sync with nbs/index.ipynb"
-python -m tps.docs readme --check
+python -m tps.tools.docs readme --check
+
+tree_state() { git status --porcelain; git diff --binary | sha1sum; }
+before="$(tree_state)"
 
 echo "== nbdev_test"
 # two notebooks at a time on two cores: one thread each avoids oversubscription
@@ -35,3 +38,9 @@ OMP_NUM_THREADS=1 nbdev_test --n_workers 2
 
 echo "== pytest"
 python -m pytest tests/ -ra
+
+echo "== the tests left the repository as they found it"
+if [ "$(tree_state)" != "$before" ]; then
+  echo "FAIL: the test run changed tracked or untracked files (figures go to a temporary folder unless TPS_WRITE_FIGURES=1):"
+  git status --short; exit 1
+fi

@@ -1,10 +1,11 @@
-"Tests of tps.benchmark: FLOP counting against analytic counts and the paper's numbers, the baseline and fast steps, the loss-tracking check, and the papermill benchmark notebook at smoke size."
+"Tests of tps.tools.benchmark: FLOP counting against analytic counts and the paper's numbers, the baseline and fast steps, the loss-tracking check, and the papermill benchmark notebook at smoke size."
 import json, math
 from pathlib import Path
 import pytest
 import torch
-from tps.benchmark import (count_flops, conv_flops, pass_flops, iteration_flops, make_runner, random_batches,
-                           time_steps, tracking_check, smooth, count_host_syncs, matmul_tflops)
+from tps.tools.benchmark import (count_flops, conv_flops, pass_flops, iteration_flops, make_runner, time_steps,
+                                 tracking_check, smooth, count_host_syncs, matmul_tflops)
+from tps.steps import random_batches
 from tps.config import get_preset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 
 from tps.cli import main
-from test_train import tiny_data, one_thread  # noqa: F401  (fixtures)
 
 
 def _run(argv):
@@ -17,7 +16,8 @@ def _run(argv):
 
 def test_help_lists_presets_and_keys():
     rc, out, _ = _run(['--help'])
-    assert rc == 0 and 'presets: demo, syn2city, viper2city' in out
+    from tps.config import PRESETS
+    assert rc == 0 and 'presets: ' + ', '.join(sorted(PRESETS)) in out and 'viper2city_faithful' in out
     rc, out, _ = _run(['train', '--help'])
     assert rc == 0 and 'train.lambda_t = 1.0' in out and 'eval.holdout' in out and 'data.interval' in out
 
@@ -44,13 +44,12 @@ def test_console_script_exit_code(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().startswith('tps: error:') and 'Traceback' not in r.stderr
 
 
-def test_train_then_eval(tiny_data, tmp_path):
-    d = tiny_data
+def test_train_then_eval(smoke_data, tmp_path):
+    d = smoke_data
     ov = [f'data.source_root={d}/viper', f'data.source_flow_root={d}/viper_flow', f'data.target_root={d}/cityscapes',
-          f'data.target_flow_root={d}/cityscapes_flow', 'data.source_size=[64,32]', 'data.target_size=[64,32]',
-          'eval.input_size=[64,32]', 'eval.label_size=[64,32]', 'train.device=cpu', 'train.iters=2',
-          'train.save_every=1', 'train.log_every=1', 'train.method=source_only', f'train.out_root={tmp_path}']
-    rc, out, err = _run(['train', '--preset', 'demo', *ov])
+          f'data.target_flow_root={d}/cityscapes_flow', 'train.save_every=1', 'train.method=source_only',
+          f'train.out_root={tmp_path}']
+    rc, out, err = _run(['train', '--preset', 'smoke', *ov])
     assert rc == 0, err
     run = Path(out.strip().splitlines()[-1])
     assert (run/'checkpoints'/'iter_0000002.pth').exists()
@@ -71,11 +70,11 @@ def test_delegation():
         assert rc == 0 and prog in out
 
 
-def test_demo_function(tiny_data, tmp_path):
+def test_demo_function(smoke_data, tmp_path):
     from tps.cli import demo
     ov = {'data.source_size': [64, 32], 'data.target_size': [64, 32], 'eval.input_size': [64, 32],
           'eval.label_size': [64, 32], 'train.device': 'cpu'}
-    table = demo(out=tmp_path, data=tiny_data, iters=1, overrides=ov, progress=False)
+    table = demo(out=tmp_path, data=smoke_data, iters=1, overrides=ov, progress=False)
     lines = table.splitlines()
     assert lines[0].startswith('| method | road |') and lines[0].endswith('| mIoU |')
     assert [l.split('|')[1].strip() for l in lines[2:]] == ['source_only', 'tps']

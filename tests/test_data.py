@@ -52,8 +52,8 @@ def _check_flow(frame, key, flow):
     e, e_rev = err(fl), err(-fl)
     assert e < 0.95 * base and e < e_rev, (e, base, e_rev)
 
-# ---------------------------------------------------------------- class maps (SPEC section 5, table-driven)
-SPEC = {
+# ---------------------------------------------------------------- class maps (the published tables, nbs/method.ipynb)
+PUBLISHED = {
     ('cityscapes', 'viper'): {7: 0, 8: 1, 11: 2, 13: 3, 19: 4, 20: 5, 21: 6, 22: 7, 23: 8, 24: 9, 25: 9, 26: 10, 27: 11,
                               28: 12, 32: 13, 33: 14},
     ('cityscapes', 'synthia'): {7: 0, 8: 1, 11: 2, 13: 3, 17: 4, 19: 5, 20: 6, 21: 7, 23: 8, 24: 9, 25: 10, 26: 11},
@@ -63,13 +63,13 @@ SPEC = {
 OURS = {('cityscapes', 'viper'): CITYSCAPES_TO_TRAIN['viper'], ('cityscapes', 'synthia'): CITYSCAPES_TO_TRAIN['synthia'],
         ('viper', 'viper'): VIPER_TO_TRAIN, ('synthia', 'synthia'): SYNTHIA_TO_TRAIN}
 
-@pytest.mark.parametrize('key', list(SPEC))
+@pytest.mark.parametrize('key', list(PUBLISHED))
 def test_class_maps(key):
-    assert OURS[key] == SPEC[key]
+    assert OURS[key] == PUBLISHED[key]
     lut = make_lut(OURS[key])
     ids = np.arange(256, dtype=np.uint8)
-    assert map_label(ids, lut).tolist() == [SPEC[key].get(i, 255) for i in range(256)]
-    assert sorted(set(SPEC[key].values())) == list(range(len(CLASS_NAMES[key[1]])))
+    assert map_label(ids, lut).tolist() == [PUBLISHED[key].get(i, 255) for i in range(256)]
+    assert sorted(set(PUBLISHED[key].values())) == list(range(len(CLASS_NAMES[key[1]])))
 
 def test_cityscapes_ids_come_from_cityscapesscripts():
     from cityscapesscripts.helpers.labels import name2label
@@ -123,11 +123,11 @@ def test_viper(tree):
     assert [n for _, n in ds.samples] == [10, 20, 10, 20]
     for i in range(len(ds)):
         s = ds[i]
-        assert set(s) == {'image', 'image_kf', 'flow', 'label', 'name'}
-        assert s['image'].shape == s['image_kf'].shape == (3, SRC[1], SRC[0]) and s['image'].dtype == torch.uint8
+        assert set(s) == {'d', 'c', 'flow_dc', 'label', 'name'}
+        assert s['d'].shape == s['c'].shape == (3, SRC[1], SRC[0]) and s['d'].dtype == torch.uint8
         assert s['label'].shape == (SRC[1], SRC[0]) and s['label'].dtype == torch.uint8
         assert set(s['label'].unique().tolist()) <= set(range(15)) | {255}
-        _check_flow(s['image'], s['image_kf'], s['flow'])
+        _check_flow(s['d'], s['c'], s['flow_dc'])
         raw = read_label(ds.label_path(*ds.samples[i]), 'palette')
         exp = map_label(remove_ego_vehicle(raw), make_lut(VIPER_TO_TRAIN))
         assert (s['label'].numpy() == exp).all()
@@ -144,17 +144,17 @@ def test_synthia_layouts_and_crop(synthia):
     ds = SynthiaSeq(root, flow, size=(64, 38))
     assert ds.layout == layout and ds.crop == 6 and ds.out_size == (64, 32) and len(ds) >= 2 and ds.samples[0] >= 1
     s = ds[0]
-    assert s['image'].shape == s['image_kf'].shape == (3, 32, 64) and s['label'].shape == (32, 64)
+    assert s['d'].shape == s['c'].shape == (3, 32, 64) and s['label'].shape == (32, 64)
     assert set(s['label'].unique().tolist()) <= set(range(12)) | {255}
     full = cv2.imread(str(ds.frame_path(ds.samples[0])), cv2.IMREAD_UNCHANGED)
     if full.shape[:2] == (38, 64):   # no resize: the crop is exactly the top 32 rows
-        assert (s['image'].permute(1, 2, 0).numpy() == cv2.cvtColor(full, cv2.COLOR_BGR2RGB)[:32]).all()
+        assert (s['d'].permute(1, 2, 0).numpy() == cv2.cvtColor(full, cv2.COLOR_BGR2RGB)[:32]).all()
         ids = cv2.imread(str(ds.label_path(ds.samples[0])), cv2.IMREAD_UNCHANGED)
         ids = ids[..., 2] if ids.ndim == 3 else ids     # file's first (R) channel
         assert (s['label'].numpy() == map_label(ids[:32], make_lut(SYNTHIA_TO_TRAIN))).all()
-    _check_flow(s['image'], s['image_kf'], s['flow'])
+    _check_flow(s['d'], s['c'], s['flow_dc'])
     big = SynthiaSeq(root, flow)                      # the paper's size: 1280x760, bottom 120 rows cut
-    assert big.out_size == (1280, 640) and big[0]['image'].shape == (3, 640, 1280) and big[0]['label'].shape == (640, 1280)
+    assert big.out_size == (1280, 640) and big[0]['d'].shape == (3, 640, 1280) and big[0]['label'].shape == (640, 1280)
 
 def test_build_source_synthia(synthia):
     root, flow, _ = synthia

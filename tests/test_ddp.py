@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from tps.config import save_config
-from test_train import tiny_config, tiny_data  # noqa: F401  (the session fixture)
 
 _SCRIPT = textwrap.dedent('''
     import os, sys, torch
@@ -21,9 +20,9 @@ _SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_ddp_replicas_identical(tiny_data, tmp_path):
+def test_ddp_replicas_identical(smoke_config, tmp_path):
     from tps.train import list_checkpoints, load_training_checkpoint
-    cfg = tiny_config(tiny_data, tmp_path, 'tps', iters=3, save_every=3)
+    cfg = smoke_config('tps', iters=3, save_every=3)
     cpath = tmp_path/'cfg.yaml'; save_config(cfg, cpath)
     script = tmp_path/'ddp_train.py'; script.write_text(_SCRIPT)
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}

@@ -6,7 +6,6 @@ import torch
 from PIL import Image
 
 from tps.config import CLASS_NAMES, get_preset
-from test_train import one_thread  # noqa: F401  (autouse fixture)
 from tps.evaluate import (confusion_matrix, per_class_iou, mean_iou, train_to_label_ids, results_table,
                           write_results, evaluate_run)
 
@@ -80,7 +79,7 @@ def test_results_table_and_files(tmp_path):
 def test_sweep_uses_cache(tmp_path, monkeypatch):
     "A rerun of the best-snapshot sweep evaluates only snapshots it has not seen; best = max mIoU."
     import tps.evaluate as E
-    from tps.train import checkpoint_path, save_checkpoint
+    from tps.runs import checkpoint_path, save_checkpoint
     cfg = get_preset('demo')
     for i in (100, 200): save_checkpoint(checkpoint_path(tmp_path, i), {'model': {}, 'optimizer': {}, 'iter': i})
     calls = []
@@ -101,22 +100,41 @@ def test_sweep_uses_cache(tmp_path, monkeypatch):
     assert not evaluate_run(cfg, tmp_path, watch=True, timeout=5, poll=0.1, progress=False)['timed_out']
 
 
-def test_evaluate_protocols_on_tiny_run(tmp_path):
+def test_evaluate_protocols_on_smoke_run(smoke_config, tmp_path):
     "One checkpoint on val; honest protocol (select on held-out train frames, report val); eval during training keeps the best."
-    from test_train import make_tiny_benchmark, tiny_config
-    from tps.evaluate import evaluate
-    from tps.train import train, list_checkpoints
-    data = make_tiny_benchmark(tmp_path/'data', n_train=3, n_val=2, n_src=2)
-    cfg = tiny_config(data, tmp_path, 'source_only', iters=3, save_every=1, keep_last=1)
+    from tps.evaluate import evaluate, checkpoint_evaluator
+    from tps.data.build import build_target
+    from tps.runs import make_run_dir, list_checkpoints
+    from tps.train import train
+    cfg = smoke_config('source_only', iters=3, save_every=1, keep_last=1)
     cfg.eval.holdout = 2
-    run = train(cfg, eval_every=1)
+    run = make_run_dir(cfg)
+    train(cfg, run_dir=run, on_checkpoint=checkpoint_evaluator(cfg, run, every=1))
     best = json.loads((run/'best.json').read_text())
     kept = [p.name for p in list_checkpoints(run)]
     assert best['split'] == 'holdout' and best['checkpoint'] in kept and 'iter_0000003.pth' in kept and len(kept) <= 2
     assert len((run/'eval.jsonl').read_text().splitlines()) == 3
     r = evaluate(cfg, run/'checkpoints'/'iter_0000003.pth', save_predictions=1, out_dir=tmp_path/'ev', progress=False)
-    assert r['split'] == 'val' and r['n_frames'] == 2 and r['iter'] == 3 and len(r['iou']) == 15
-    assert np.array(r['confusion']).sum() == 2 * 64 * 32 and len(list((tmp_path/'ev'/'predictions').glob('*.png'))) == 2
+    val = build_target(cfg, 'val', teacher=False)
+    n_labelled = sum(int((val[i]['label'] < 15).sum()) for i in range(len(val)))
+    assert r['split'] == 'val' and r['n_frames'] == len(val) and r['iter'] == 3 and len(r['iou']) == 15
+    assert np.array(r['confusion']).sum() == n_labelled > 0
+    assert len(list((tmp_path/'ev'/'predictions').glob('*.png'))) == 2      # colour + label ids of one frame
     s = evaluate_run(cfg, run, progress=False)
-    assert s['selected_on'] == 'holdout' and s['report']['split'] == 'val' and s['report']['n_frames'] == 2
+    assert s['selected_on'] == 'holdout' and s['report']['split'] == 'val' and s['report']['n_frames'] == len(val)
     assert all(v['split'] == 'holdout' and v['n_frames'] == 2 for v in s['snapshots'].values())
+
+
+def test_rewritten_checkpoint_is_evaluated_again(tmp_path, monkeypatch):
+    "The sweep's cache is keyed by the checkpoint's content (size, mtime), not its name: a rewritten file is re-evaluated."
+    import os, tps.evaluate as E
+    from tps.runs import checkpoint_path, save_checkpoint
+    cfg = get_preset('demo')
+    p = save_checkpoint(checkpoint_path(tmp_path, 100), {'model': {}, 'optimizer': {}, 'iter': 100})
+    scores = iter([10.0, 20.0])
+    monkeypatch.setattr(E, 'evaluate', lambda cfg, ck, split=None, **kw: {'iter': 100, 'miou': next(scores), 'iou': {},
+                        'n_frames': 1, 'split': split, 'classes': cfg.class_names, 'drop': []})
+    assert evaluate_run(cfg, tmp_path, progress=False)['best']['miou'] == 10.0
+    save_checkpoint(p, {'model': {}, 'optimizer': {}, 'iter': 100, 'other': 'run'})
+    os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+    assert evaluate_run(cfg, tmp_path, progress=False)['best']['miou'] == 20.0

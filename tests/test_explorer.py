@@ -1,4 +1,4 @@
-"tps.explorer without a browser: controls drive panels, the network runs only on new keys, metrics equal tps.losses + tps.evaluate."
+"tps.explorer without a browser: controls drive panels, the network runs only on new keys, pseudo labels and metrics equal a direct computation."
 from pathlib import Path
 import numpy as np
 import pytest
@@ -9,11 +9,12 @@ from tps.augment import to_input, flip_pair, strong_augment
 from tps.config import get_preset, apply_overrides, config_to_dict
 from tps.data import CityscapesSeq
 from tps.data.synthetic import make_synthetic
-from tps.evaluate import confusion_matrix, per_class_iou, mean_iou
-from tps.losses import cross_frame_pseudo_labels, IGNORE
-from tps.model import TPSNet, CheckpointError
-from tps.explorer import (PseudoLabelExplorer, PANELS, infer_model_kwargs, load_model, pseudo_label_metrics,
-                          sample_names)
+from tps.metrics import confusion_matrix, per_class_iou, mean_iou
+from tps.config import IGNORE
+from tps.losses import cross_frame_pseudo_labels
+from tps.model import TPSNet, CheckpointError, infer_model_kwargs
+from tps.runs import load_model
+from tps.explorer import PseudoLabelExplorer, PANELS, sample_names
 
 SIZE = (128, 64)  # (W, H)
 
@@ -46,13 +47,13 @@ def ex(bench):
 def test_model_from_state_dict_or_training_checkpoint(bench, tmp_path):
     sd = torch.load(bench/'r18.pth')
     assert infer_model_kwargs(sd) == dict(arch='resnet18', num_classes=15, multi_level=True)
-    net = load_model(bench/'r18.pth', device='cpu')
+    net, _ = load_model(bench/'r18.pth', device='cpu')
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in sd.items())
     cfg = apply_overrides(get_preset('demo'), {'model.num_classes': '12', 'model.multi_level': 'false',
                                                'model.flow_scale': 'per_axis'})
     small = TPSNet('resnet18', 12, multi_level=False, flow_scale='per_axis')
     torch.save({'model': small.state_dict(), 'iter': 3, 'config': config_to_dict(cfg)}, tmp_path/'iter_0000003.pth')
-    got = load_model(tmp_path/'iter_0000003.pth', device='cpu')
+    got, _ = load_model(tmp_path/'iter_0000003.pth', device='cpu')
     assert (got.num_classes, got.multi_level, got.flow_scale) == (12, False, 'per_axis')
     assert infer_model_kwargs({'module.' + k: v for k, v in small.state_dict().items()})['multi_level'] is False
     (tmp_path/'bad.pth').write_bytes(b'not a checkpoint')
@@ -124,13 +125,14 @@ def test_metrics_equal_direct_computation(ex, flip, mode, thr):
         out = ex.net.eval()(to_input(b), to_input(a), f)
     pl, conf = cross_frame_pseudo_labels(out.fused_main.softmax(1), s['flow_db'][None], flipped=torch.tensor([flip]),
                                          legacy=mode == 'legacy', conf_threshold=thr)       # (1, h, w)
-    assert torch.equal(pl[0], ex.current['pseudo_label']) and torch.allclose(conf[0], ex.current['confidence'])
+    assert torch.equal(pl[0], ex.current['pseudo_label'])
+    assert torch.allclose(conf[0], ex.current['confidence'], atol=1e-4)   # the explorer's teacher batches its two frames
     full = F.interpolate(pl[None].float(), size=tuple(s['label'].shape), mode='nearest')[0, 0].long()
     gt = s['label'].long()
     keep = (full != IGNORE) & (gt < 15)
     cm = confusion_matrix(full[keep], gt[keep], 15)
     m = ex.current['metrics']
-    assert torch.equal(cm, m['cm'])
+    assert np.array_equal(cm.numpy(), m['cm'])
     np.testing.assert_allclose(m['iou'], per_class_iou(cm), equal_nan=True)
     tp = np.diag(cm.numpy()).astype(float)
     n_gt = torch.bincount(gt[gt < 15], minlength=15).numpy()
@@ -153,7 +155,7 @@ def test_running_summary(ex):
         ex.sample.value = i
         seen[i] = ex.current['metrics']['cm']
     S = ex.summary()
-    assert S['frames'] == 2 and torch.equal(S['cm'], seen[0] + seen[1])
+    assert S['frames'] == 2 and np.array_equal(S['cm'], seen[0] + seen[1])
     np.testing.assert_allclose(S['iou'], per_class_iou(seen[0] + seen[1]), equal_nan=True)
     assert f'{S["frames"]} frame(s) visited' in ex.table.value and f'<b>{S["miou"]:.1f}</b>' in ex.table.value
 

@@ -1,6 +1,6 @@
 """The pseudo-label explorer in a real browser: JupyterLab on a free localhost port with a temporary token, headless
 Chromium driven by Playwright runs the notebook, moves the threshold and the sample slider, checks that the rendered
-panels change, and saves a screenshot to figures/explorer.png. The server is always shut down."""
+panels change, and saves a screenshot (figures/explorer.png with TPS_WRITE_FIGURES=1, else a temporary file). The server is always shut down."""
 import json, os, secrets, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 import pytest
@@ -208,8 +208,8 @@ def test_explorer_in_jupyterlab(lab):
             page.wait_for_function("() => document.querySelector('.tps-status').innerText.includes('from cache')",
                                    timeout=30_000)
 
-            out = REPO/'figures'/'explorer.png'
-            out.parent.mkdir(exist_ok=True)
+            from tps.utils import figure_dir
+            out = figure_dir()/'explorer.png'
             _save_png(page.locator('.tps-explorer').first.screenshot(), out)
             assert out.stat().st_size > 10_000
         except BaseException:

@@ -1,11 +1,13 @@
-"Flow files, names, estimators and the resumable `tps-flow` precompute command (tps.flow)."
+"Flow files, names and estimators (tps.flow), and the resumable `tps-flow` precompute command (tps.tools.flows)."
 import os, signal, subprocess, sys, time
 from pathlib import Path
 import cv2, numpy as np, pytest, torch
 from tps.flow import (FlowFileError, read_flow, write_flow, flow_name, flow_path, estimate_flow, estimate_flow_batch,
-                      load_raft, flow_jobs, main, flow_to_color, warp_error, _synthetic_pair, _texture)
+                      load_raft, flow_to_color, warp_error)
+from tps.tools.flows import flow_jobs, main
+from flow_fixtures import synthetic_pair, texture
 
-CLI = [sys.executable, '-c', 'import sys; from tps.flow import main; sys.exit(main())']
+CLI = [sys.executable, '-c', 'import sys; from tps.tools.flows import main; sys.exit(main())']
 
 
 # ---------------------------------------------------------------- files
@@ -77,7 +79,7 @@ def test_missing_file(tmp_path):
 
 
 # ---------------------------------------------------------------- names
-def test_flow_names_spec_examples():
+def test_flow_names_published_examples():
     assert flow_name('cityscapes', 'frankfurt_000000_000294_leftImg8bit.png', 293) == 'frankfurt_000000_000294_000293_int16_x10.npy'
     assert flow_name('viper', '001_00010.jpg', 9) == '001_0001000009_int16_x10.npy'
     assert flow_name('synthia', '000002.png') == '000002_int16_x10.npy'
@@ -94,7 +96,7 @@ def test_flow_names_spec_examples():
 # ---------------------------------------------------------------- estimators
 @pytest.mark.parametrize('preset', ['ultrafast', 'fast', 'medium'])
 def test_dis_recovers_translation(preset):
-    ft, fp, gt = _synthetic_pair(160, 256, 'translation', seed=3)         # shift (3.4, -2.2)
+    ft, fp, gt = synthetic_pair(160, 256, 'translation', seed=3)         # shift (3.4, -2.2)
     est = estimate_flow(ft, fp, 'dis', preset)
     assert est.shape == (2, 160, 256) and est.dtype == torch.float32
     med = est[:, 16:-16, 16:-16].flatten(1).median(1).values
@@ -105,7 +107,7 @@ def test_dis_recovers_translation(preset):
 
 
 def test_dis_warp_error_drops():
-    ft, fp, gt = _synthetic_pair(128, 192, 'zoom', seed=2)
+    ft, fp, gt = synthetic_pair(128, 192, 'zoom', seed=2)
     est = estimate_flow(ft, fp)
     e0, e1 = warp_error(ft, fp, torch.zeros_like(est)), warp_error(ft, fp, est)
     assert e1[10:-10, 10:-10].mean() < 0.5 * e0[10:-10, 10:-10].mean()
@@ -114,7 +116,7 @@ def test_dis_warp_error_drops():
 
 
 def test_estimator_errors(tmp_path):
-    ft, fp, _ = _synthetic_pair(64, 64)
+    ft, fp, _ = synthetic_pair(64, 64)
     with pytest.raises(ValueError, match='never downloads'): estimate_flow(ft, fp, 'raft_large')
     with pytest.raises(FileNotFoundError, match='w.pth'): estimate_flow(ft, fp, 'raft_small', weights=tmp_path / 'w.pth')
     (tmp_path / 'junk.pth').write_bytes(b'not a torch file')
@@ -128,7 +130,7 @@ def test_raft_local_weights_round_trip(tmp_path):
     torch.manual_seed(0)
     torch.save(raft_small(weights=None).state_dict(), tmp_path / 'small.pth')
     torch.save({'model': raft_large(weights=None).state_dict()}, tmp_path / 'large.pth')  # wrapped dicts work too
-    ft, fp, _ = _synthetic_pair(100, 140)                                # not multiples of 8, under 128: padded
+    ft, fp, _ = synthetic_pair(100, 140)                                # not multiples of 8, under 128: padded
     f = estimate_flow(ft, fp, 'raft_small', weights=tmp_path / 'small.pth', device='cpu', iters=2)
     assert f.shape == (2, 100, 140) and torch.isfinite(f).all()
     bt = torch.from_numpy(np.stack([ft, fp, ft])).permute(0, 3, 1, 2)     # (3, 3, H, W)
@@ -146,7 +148,7 @@ def fake_cityscapes(root, seqs=4, frames=range(12, 20), size=(160, 96), split='t
     "Textured snippets drifting right 2 px per frame; frame 19 labelled in gtFine."
     for i in range(seqs):
         d = root / 'leftImg8bit_sequence' / split / 'ulm'; d.mkdir(parents=True, exist_ok=True)
-        tex = _texture(size[1], size[0] + 2 * len(frames) + 20, seed=i)
+        tex = texture(size[1], size[0] + 2 * len(frames) + 20, seed=i)
         for f in frames:
             img = np.ascontiguousarray(tex[:, 2 * (max(frames) - f) + 10:][:, :size[0]])
             cv2.imwrite(str(d / f'ulm_{i:06d}_{f:06d}_leftImg8bit.png'), img[..., ::-1])
@@ -260,3 +262,14 @@ def test_main_in_process(tmp_path, capsys):
     assert read_flow(tmp_path / 'o2' / 'train' / 'ulm_000000_000019_000018_int16_x10.npy').shape == (2, 24, 32)
     assert sorted(p.name for p in (tmp_path / 'o2' / 'train').iterdir()) == ['ulm_000000_000019_000018_int16_x10.npy']
     with pytest.raises(SystemExit): main(['--dataset', 'cityscapes', '--root', str(root), '--out', 'x', '--size', 'big'])
+
+
+# ---------------------------------------------------------------- the core does not load the tools
+def test_import_tps_loads_no_tools():
+    "`import tps` (and tps.warp, tps.flow) loads no `tps.tools` module (tests/test_structure.py checks the imports statically)."
+    code = 'import sys, tps, tps.warp, tps.flow; print(sorted(m for m in sys.modules if m.startswith("tps.tools")))'
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == '[]', r.stdout + r.stderr
+    r = subprocess.run([sys.executable, '-c', code.replace('tps.flow;', 'tps.flow, tps.tools.flows;')],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "'tps.tools.flows'" in r.stdout, r.stdout + r.stderr   # the check itself can fail

@@ -1,11 +1,10 @@
-"Cross-frame pseudo labels and the TPS / PixMatch / source losses (tps.losses)."
+"Cross-frame pseudo labels, the threshold, and the student / source losses (tps.losses)."
 from collections import namedtuple
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tps.losses import (FUSION_FIELDS, masked_ce, seg_loss, cross_frame_pseudo_labels, teacher_pseudo_labels,
-                        tps_loss, pixmatch_loss)
+from tps.losses import FUSION_FIELDS, masked_ce, seg_loss, cross_frame_pseudo_labels, apply_threshold, tps_loss
 
 CUDA = torch.cuda.is_available()
 FO = namedtuple('FO', FUSION_FIELDS)
@@ -64,17 +63,13 @@ def test_legacy_flip_order_differs_where_predicted():
     assert (pl_def[0] != pl_leg[0]).float().mean() > 0.1 and torch.equal(pl_def[1], pl_leg[1])
 
 
-def test_conf_threshold_and_teacher_output_forms():
+def test_conf_threshold():
     T, P = _teacher_labels(1, 4, 16, 16, 3)
-    logits = torch.log(P)
-    t = FO(logits, logits, None, None, None, None)
-    out = teacher_pseudo_labels(t, None, conf_threshold=0.5)
-    assert torch.equal(out['pl_main'], T) and torch.equal(out['pl_aux'], T)
-    assert (teacher_pseudo_labels(t, None, conf_threshold=0.99)['pl_main'] == 255).all()
-    assert torch.equal(teacher_pseudo_labels(dict(zip(FUSION_FIELDS, t)))['pl_main'], T)
-    assert torch.equal(teacher_pseudo_labels(tuple(t))['pl_main'], T)
-    with pytest.raises(TypeError):
-        teacher_pseudo_labels(object())
+    pl, conf = cross_frame_pseudo_labels(P, None, conf_threshold=0.5)
+    assert torch.equal(pl, T) and (conf > 0.5).all()
+    assert (cross_frame_pseudo_labels(P, None, conf_threshold=0.99)[0] == 255).all()
+    lab, c = torch.tensor([[1, 2, 3]]), torch.tensor([[0.2, 0.5, 0.9]])
+    assert apply_threshold(lab, c, 0.5).tolist() == [[255, 2, 3]] and apply_threshold(lab, c, 0.0) is lab
     with pytest.raises(ValueError, match='flow_scale'):
         cross_frame_pseudo_labels(P, None, flow_scale='bad')
 
@@ -94,10 +89,10 @@ def test_all_ignore_gives_zero_loss_with_grad():
     r['loss'].backward()
     for t in (s.fused_main, s.fused_aux):
         assert t.grad is not None and torch.isfinite(t.grad).all() and (t.grad == 0).all()
-    # PixMatch with a threshold nothing reaches
+    # pseudo labels from a threshold nothing reaches
     s = _student(seed=1)
-    r = pixmatch_loss(s, FO(torch.zeros(2, 5, 16, 24), torch.zeros(2, 5, 16, 24), None, None, None, None),
-                      lambda_t=1.0, conf_threshold=0.9)
+    pl, _ = cross_frame_pseudo_labels(torch.full((2, 5, 16, 24), 0.2), None, conf_threshold=0.9)
+    r = tps_loss(s, pl, pl, lambda_t=1.0)
     r['loss'].backward()
     assert r['loss'].item() == 0 and torch.isfinite(s.fused_main.grad).all() and r['valid'] == 0
 

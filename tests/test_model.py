@@ -1,4 +1,4 @@
-"The two-frame ACCEL DeepLab-v2 model: architecture against SPEC section 2, fusion, gradients, loaders, bf16/compile."
+"The two-frame ACCEL DeepLab-v2 model: architecture against the method notes (nbs/method.ipynb, the model), fusion, gradients, loaders, bf16/compile."
 import copy
 from pathlib import Path
 import pytest
@@ -11,7 +11,7 @@ from tps.model import (TPSNet, FusionOutput, build_model, param_groups, load_che
 
 BLOCKS = {'resnet101': (3, 4, 23, 3), 'resnet50': (3, 4, 6, 3)}
 
-# ---------------------------------------------------------------- the architecture, written out from SPEC section 2
+# ---------------------------------------------------------------- the architecture, written out from the method notes (nbs/method.ipynb)
 def spec_keys(num_classes=15, blocks=(3, 4, 23, 3), multi_level=True) -> dict:
     "Reference state-dict keys and shapes of the Bottleneck ACCEL DeepLab-v2, built from the description alone."
     C, sd = num_classes, {}

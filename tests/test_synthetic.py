@@ -1,13 +1,15 @@
-"The synthetic benchmark: CLI, file layout and names, class ids, flow files, determinism and flow exactness."
-import os, re, shutil, subprocess, sys
+"""The synthetic benchmark: CLI, file layout and names, class ids, flow files, determinism, flow exactness, the
+domain-shift strength, held-out source sequences, object statistics and class frequencies."""
+import dataclasses, hashlib, json, math, os, re, shutil, subprocess, sys
 from pathlib import Path
 import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tps.data.synthetic import (make_synthetic, make_synthia_tree, main, make_scene, render, visible, class_ids,
-                                VIPER_IDS, SYNTHIA_IDS, _TRAIN_CITIES, _VAL_CITIES)
+from tps.data.synthetic import (make_synthetic, make_synthia_tree, main, class_frequencies, _TRAIN_CITIES, _VAL_CITIES)
+from tps.data.scene import (make_scene, class_ids, VIPER_IDS, SYNTHIA_IDS, STYLES, Style, SceneMix, target_style)
+from tps.data.render import render, visible
 from tps.flow import read_flow
 from tps.warp import flow_warp
 
@@ -161,3 +163,146 @@ def test_bad_input(tmp_path, capsys):
     with pytest.raises(FileExistsError, match='overwrite'): make_synthetic(tmp_path / 'c', seed=1, **kw)
     s = make_synthetic(tmp_path / 'c', seed=1, overwrite=True, **kw)
     assert not s['cached'] and s['seed'] == 1
+
+
+# ---- scenes: the default streets must not change (guards the order of the random draws) ----
+
+def _scene_digest(sc) -> str:
+    rows = [(o['kind'], *(round(float(o[k]), 9) for k in ('x', 'z', 'vx', 'vz', 'w', 'h')), tuple(c for _, c in o['parts']))
+            for o in sc.objects]
+    rows += [(round(sc.cy, 9), round(sc.road_half, 9), round(sc.speed, 9), tuple(round(v, 9) for v in sc.facade),
+              len(sc.segments[0]['z0']), round(float(sc.segments[1]['height'].sum()), 6), round(float(sc.tab.sum()), 6))]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+
+def test_default_scenes_unchanged():
+    "Digests of streets drawn by the generator as first published (same seeds, same draws, same objects)."
+    want = {'game': ['94425189163f0760', 'f0c0f0a9ff9235df'], 'real': ['09e2a8cec65fbb7f', '940cb9bede734b2e']}
+    for style, digests in want.items():
+        assert [_scene_digest(make_scene(style, (s, 1, 2), (256, 128), 30)) for s in range(2)] == digests, style
+        assert _scene_digest(make_scene(style, (0, 1, 2), (256, 128), 30, SceneMix())) == digests[0]
+    assert _scene_digest(make_scene(target_style(1.0), (0, 1, 2), (256, 128), 30)) == want['real'][0]
+
+# ---- the domain-shift strength ----
+
+def _numbers(v): return [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else [x for e in v for x in _numbers(e)]
+
+def test_target_style_end_points_and_between():
+    game, real = STYLES['game'], STYLES['real']
+    fields = [f.name for f in dataclasses.fields(Style) if f.name != 'name']
+    t0 = target_style(0.0)
+    for k in fields: assert getattr(t0, k) == getattr(game, k) and type(getattr(t0, k)) == type(getattr(game, k)), k
+    assert t0.name == 'real' and target_style(0, seed=(1, 2, 3)) == t0
+    assert target_style(1.0) == real and target_style(1, seed=7) == real
+    assert all(getattr(target_style(1.0), k) == getattr(real, k) for k in fields)
+    for shift in (0.2, 0.5, 0.8):
+        t = target_style(shift, seed=(4, int(shift * 10)))
+        for k in fields:
+            a, b, v = getattr(game, k), getattr(real, k), getattr(t, k)
+            if k in ('rounded', 'dashed', 'posterize'): assert v in (a, b), k
+            elif len(_numbers(a)) == len(_numbers(b)):
+                assert all(min(x, y) - 1e-12 <= z <= max(x, y) + 1e-12 for x, y, z in zip(_numbers(a), _numbers(b), _numbers(v))), (shift, k)
+                assert all(math.isclose(z, (1 - shift) * x + shift * y) for x, y, z in zip(_numbers(a), _numbers(b), _numbers(v))), (shift, k)
+            else:                                       # palettes of 7 and 6 colours: colour i blends i mod 7 and i mod 6
+                assert len(v) == max(len(a), len(b))
+                for i, c in enumerate(v):
+                    assert np.allclose(c, (1 - shift) * np.array(a[i % len(a)]) + shift * np.array(b[i % len(b)])), (k, i)
+    assert target_style(0.3).focal < target_style(0.6).focal and target_style(0.3).noise < target_style(0.6).noise
+    assert target_style(0.49).rounded is False and target_style(0.5).rounded is True      # no seed: switch at 0.5
+    share = np.mean([target_style(0.25, seed=(i, 0)).rounded for i in range(600)])           # seed: probability = shift
+    assert 0.19 < share < 0.31
+
+@pytest.mark.parametrize('bad', [-0.01, 1.01, float('nan'), float('inf'), 'half', None])
+def test_bad_shift(bad, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(repr(bad))): target_style(bad)
+    with pytest.raises(ValueError, match='shift'): make_synthetic(tmp_path / 'x', shift=bad, progress=False)
+    assert not (tmp_path / 'x').exists()
+
+def test_shift_cli_and_tiny_generation(tmp_path, capsys):
+    kw = ['--size', '64x32', '--source-size', '64x32', '--snippets', '2', '--val-snippets', '1', '--source-seqs', '1',
+          '--source-frames', '10', '--full-snippets', '0', '--no-progress', '--workers', '1']
+    assert main(['--out', str(tmp_path / 'half'), '--shift', '0.5', *kw]) == 0
+    meta = json.loads((tmp_path / 'half/synthetic.json').read_text())
+    assert meta['shift'] == 0.5 and meta['counts']['cityscapes/gtFine/train'] == 2
+    capsys.readouterr()
+    assert main(['--out', str(tmp_path / 'bad'), '--shift', 'nan', *kw]) == 2
+    assert 'nan' in capsys.readouterr().err and not (tmp_path / 'bad').exists()
+    # shift 0: the target street is drawn with the source's style (its hood is the source's red one)
+    s0 = make_synthetic(tmp_path / 'zero', size=(64, 32), source_size=(64, 32), snippets=1, val_snippets=0, source_seqs=0,
+                        full_snippets=0, workers=1, progress=False, shift=0.0)
+    assert s0['shift'] == 0.0
+    f = sorted((tmp_path / 'zero/cityscapes/leftImg8bit_sequence/train').rglob('*.png'))[0]
+    img = cv2.imread(str(f))[..., ::-1].astype(int)
+    assert img[-1, 32, 0] > 100 and img[-1, 32, 0] > 3 * img[-1, 32, 2]                 # red hood, not the dark one
+
+# ---- held-out source sequences and object statistics ----
+
+@pytest.fixture(scope='module')
+def bench_val(tmp_path_factory):
+    out = tmp_path_factory.mktemp('synval') / 'synthetic'
+    s = make_synthetic(out, seed=5, size=SIZE, source_size=SRC, snippets=2, val_snippets=1, source_seqs=2, source_frames=20,
+                       full_snippets=0, workers=2, progress=False, source_val_seqs=2, target_mix={'persons': 3.0})
+    return out, s
+
+def test_source_val_sequences(bench_val, bench):
+    out, s = bench_val
+    val = sorted(str(p.relative_to(out)) for p in (out / 'viper/val').rglob('*') if p.is_file())
+    assert sorted({p.split('/')[3] for p in val}) == ['003', '004']                      # after the train ids 001, 002
+    assert len([p for p in val if p.startswith('viper/val/img/')]) == 8 and len(val) == 16
+    assert s['counts']['viper/val/img'] == 8 and s['counts']['viper/val/cls'] == 8 and s['counts']['viper_flow'] == 8
+    train_ids = {p.name for p in (out / 'viper/train/img').iterdir()}
+    assert train_ids == {'001', '002'}
+    for seq in ('003', '004'):
+        for f in (10, 20):
+            flow = read_flow(out / f'viper_flow/{seq}_{f:05d}{f - 1:05d}_int16_x10.npy')
+            assert flow.shape == (2, SRC[1], SRC[0])
+            assert np.array(Image.open(out / f'viper/val/cls/{seq}/{seq}_{f:05d}.png'))[-1, SRC[0] // 2] == 24
+    # the train sequences are those of a benchmark without held-out ones (same seed and sizes)
+    for p in (out / 'viper/train').rglob('*.*'):
+        assert p.read_bytes() == (bench / p.relative_to(out)).read_bytes(), p
+    # held-out sequences are new streets
+    assert (out / 'viper/val/img/003/003_00010.jpg').read_bytes() != (out / 'viper/train/img/001/001_00010.jpg').read_bytes()
+    meta = json.loads((out / 'synthetic.json').read_text())
+    assert meta['source_val_seqs'] == 2 and meta['target_mix']['persons'] == 3.0 and meta['source_mix']['persons'] == 1.0
+    assert not (bench / 'viper/val').exists() and 'viper/val/img' not in json.loads((bench / 'synthetic.json').read_text())['counts']
+    with pytest.raises(ValueError, match='999'): make_synthetic(out / 'x', source_seqs=990, source_val_seqs=10, progress=False)
+
+def test_mix_knobs_change_what_they_say():
+    def count(mix, n=25):
+        objs = [o for i in range(n) for o in make_scene('real', (i, 3), (128, 64), 30, mix).objects]
+        return {k: sum(o['kind'] == k for o in objs) for k in ('car', 'truck', 'bus', 'person', 'bicycle', 'motorcycle',
+                                                                'pole', 'light', 'sign', 'tree')}
+    base = count(SceneMix())
+    more = count(SceneMix(buses=4, bicycles=3, traffic_signs=3, poles=0))
+    assert more['bus'] > 2.5 * base['bus'] and more['bicycle'] > 2 * base['bicycle'] and more['sign'] > 2 * base['sign']
+    assert more['pole'] == 0 < base['pole'] and 0.75 < more['person'] / base['person'] < 1.3
+    none = count(SceneMix(cars=0, trucks=0, buses=0, persons=0, bicycles=0, motorcycles=0, poles=0, traffic_lights=0,
+                          traffic_signs=0, trees=0))
+    assert sum(none.values()) == 0
+    wide = [make_scene('real', i, mix=SceneMix(terrain=2)) for i in range(5)]
+    plain = [make_scene('real', i) for i in range(5)]
+    assert all(w.facade[0] - w.road_half - w.sidewalk >= p.facade[0] - p.road_half - p.sidewalk for w, p in zip(wide, plain))
+    with pytest.raises(ValueError, match='fences'): SceneMix(fences=-1)
+    with pytest.raises(ValueError, match='lorries'): make_synthetic('unused', target_mix={'lorries': 1}, progress=False)
+
+# ---- class frequencies ----
+
+def _plain_frequencies(files, source: bool) -> np.ndarray:
+    "Reference: loop over files and the 15 classes, with the loader's ego-vehicle removal for the source."
+    from tps.data.core import VIPER_TO_TRAIN, CITYSCAPES_TO_TRAIN, remove_ego_vehicle
+    table = VIPER_TO_TRAIN if source else CITYSCAPES_TO_TRAIN['viper']
+    counts = np.zeros(15)
+    for f in files:
+        lab = remove_ego_vehicle(np.array(Image.open(f))) if source else cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+        for native, train in table.items(): counts[train] += (lab == native).sum()
+    return counts / counts.sum()
+
+def test_class_frequencies(bench_val):
+    out, _ = bench_val
+    fr = class_frequencies(out)
+    assert list(fr) == ['source train', 'source val', 'target train', 'target val']
+    for part, folder, source in (('source train', 'viper/train/cls', True), ('source val', 'viper/val/cls', True),
+                                 ('target train', 'cityscapes/gtFine/train', False), ('target val', 'cityscapes/gtFine/val', False)):
+        ref = _plain_frequencies(sorted((out / folder).rglob('*.png')), source)
+        assert np.allclose(list(fr[part].values()), ref, atol=1e-12), part
+        assert abs(sum(fr[part].values()) - 1) < 1e-9 and fr[part]['road'] > 0.05
+    with pytest.raises(FileNotFoundError): class_frequencies(out / 'nothing')

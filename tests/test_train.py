@@ -1,90 +1,11 @@
-"Training: lr schedule per group (both modes), every method runs, checkpoint pruning, NaN stop, exact resume after SIGKILL."
-import json, os, subprocess, sys, textwrap
+"Training: lr schedule per group (both modes), every method runs, the loop equals a plain loop, checkpoint pruning, NaN stop, exact resume after SIGKILL."
+import json, os, random, subprocess, sys, textwrap
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tps.config import get_preset, save_config
-
-# ---------------------------------------------------------------- a tiny benchmark in the real layouts
-# Four scene classes drawn as horizontal bands (+ a box): sky, building, road, car. Source and target render them
-# with different colours (the domain gap). Written here so these tests need nothing but the loaders.
-_VIPER = {'sky': 2, 'building': 9, 'road': 3, 'car': 24}
-_CITY = {'sky': 23, 'building': 11, 'road': 7, 'car': 26}
-_SRC_RGB = {'sky': (90, 150, 230), 'building': (150, 100, 80), 'road': (110, 110, 110), 'car': (200, 30, 30)}
-_TGT_RGB = {'sky': (140, 170, 200), 'building': (120, 110, 100), 'road': (80, 80, 90), 'car': (150, 40, 60)}
-
-
-def _scene(rng, W, H, shift):
-    lab = np.empty((H, W), object)
-    h1, h2 = H // 3 + rng.integers(-2, 3), 2 * H // 3 + rng.integers(-2, 3)
-    lab[:h1], lab[h1:h2], lab[h2:] = 'sky', 'building', 'road'
-    x0 = (W // 8 + shift) % (W // 2)
-    lab[h2 - 3:h2 + 3, x0:x0 + W // 5] = 'car'
-    return lab
-
-
-def _render(lab, pal, rng):
-    img = np.zeros(lab.shape + (3,), np.float32)
-    for k, c in pal.items(): img[lab == k] = c
-    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
-
-
-def _ids(lab, table):
-    out = np.zeros(lab.shape, np.uint8)
-    for k, v in table.items(): out[lab == k] = v
-    return out
-
-
-def make_tiny_benchmark(root, size=(64, 32), n_src=4, n_train=4, n_val=2, seed=0) -> Path:
-    "viper/, viper_flow/, cityscapes/, cityscapes_flow/{train,val} with tiny frames; flows are zero."
-    from tps.flow import write_flow, flow_name
-    root, (W, H) = Path(root), size
-    rng = np.random.default_rng(seed)
-    zero = torch.zeros(2, H, W)
-    for i in range(n_src):
-        seq = f'{i + 1:03d}'
-        d = root/'viper/train/img'/seq; d.mkdir(parents=True, exist_ok=True)
-        (root/'viper/train/cls'/seq).mkdir(parents=True, exist_ok=True)
-        (root/'viper_flow').mkdir(parents=True, exist_ok=True)
-        for f in (9, 10):
-            lab = _scene(rng, W, H, f)
-            Image.fromarray(_render(lab, _SRC_RGB, rng)).save(d/f'{seq}_{f:05d}.jpg', quality=95)
-            Image.fromarray(_ids(lab, _VIPER), mode='L').save(root/'viper/train/cls'/seq/f'{seq}_{f:05d}.png')
-        write_flow(root/'viper_flow'/flow_name('viper', f'{seq}_00010.jpg', 9), zero)
-    for split, n in (('train', n_train), ('val', n_val)):
-        img_dir = root/'cityscapes/leftImg8bit_sequence'/split/'aachen'
-        gt_dir = root/'cityscapes/gtFine'/split/'aachen'
-        fl_dir = root/'cityscapes_flow'/split
-        for p in (img_dir, gt_dir, fl_dir): p.mkdir(parents=True, exist_ok=True)
-        for s in range(n):
-            for f in (17, 18, 19):
-                lab = _scene(rng, W, H, f + s)
-                name = f'aachen_{s:06d}_{f:06d}_leftImg8bit.png'
-                Image.fromarray(_render(lab, _TGT_RGB, rng)).save(img_dir/name)
-                if f == 19: Image.fromarray(_ids(lab, _CITY)).save(gt_dir/f'aachen_{s:06d}_{f:06d}_gtFine_labelIds.png')
-                if f > 17: write_flow(fl_dir/flow_name('cityscapes', name, f - 1), zero)
-    return root
-
-
-def tiny_config(data, out, method='tps', **train):
-    "The demo preset pointed at the tiny benchmark: 64x32 frames, ResNet-18, CPU, deterministic."
-    cfg = get_preset('demo')
-    d = cfg.data
-    d.source_root, d.source_flow_root = str(data/'viper'), str(data/'viper_flow')
-    d.target_root, d.target_flow_root = str(data/'cityscapes'), str(data/'cityscapes_flow')
-    d.source_size = d.target_size = (64, 32)
-    d.num_workers, d.batch_size = 0, 1
-    cfg.eval.input_size = cfg.eval.label_size = (64, 32)
-    cfg.model.arch, cfg.model.channels_last = 'resnet18', False
-    t = cfg.train
-    t.method, t.out_root, t.device, t.deterministic = method, str(out), 'cpu', True
-    t.iters, t.max_iters, t.save_every, t.log_every, t.keep_last, t.lr = 4, 100, 2, 1, 0, 2.5e-3
-    for k, v in train.items(): setattr(t, k, v)
-    return cfg
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -92,11 +13,6 @@ def one_thread():
     n = torch.get_num_threads(); torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope='session')
-def tiny_data(tmp_path_factory):
-    return make_tiny_benchmark(tmp_path_factory.mktemp('tiny'))
 
 
 # ---------------------------------------------------------------- tests
@@ -119,9 +35,9 @@ def test_lr_schedule_per_group(legacy):
 
 
 @pytest.mark.parametrize('method', ['source_only', 'pixmatch', 'tps', 'oracle'])
-def test_method_runs(tiny_data, tmp_path, method):
+def test_method_runs(smoke_config, method):
     from tps.train import train, list_checkpoints, load_training_checkpoint
-    cfg = tiny_config(tiny_data, tmp_path, method, iters=3, save_every=1, keep_last=2)
+    cfg = smoke_config(method, iters=3, save_every=1, keep_last=2)
     run = train(cfg)
     assert [p.name for p in list_checkpoints(run)] == ['iter_0000002.pth', 'iter_0000003.pth']  # keep_last=2
     ck = load_training_checkpoint(run)
@@ -135,16 +51,16 @@ def test_method_runs(tiny_data, tmp_path, method):
     assert (run/'done.json').exists() and (run/'config.yaml').exists()
 
 
-def test_nonfinite_loss_stops(tiny_data, tmp_path, monkeypatch):
+def test_nonfinite_loss_stops(smoke_config, tmp_path, monkeypatch):
     import tps.train as T
     calls = {'n': 0}
-    orig = T.STEPS['source_only']
+    orig = T.METHODS['source_only']
     def poisoned(ctx, src, tgt):
         out = orig(ctx, src, tgt); calls['n'] += 1
         if calls['n'] >= 4: out['src'] = out['src'] * float('nan')  # iteration 3 (0-based) goes bad
         return out
-    monkeypatch.setitem(T.STEPS, 'source_only', poisoned)
-    cfg = tiny_config(tiny_data, tmp_path, 'source_only', iters=6, save_every=2, log_every=3)
+    monkeypatch.setitem(T.METHODS, 'source_only', poisoned)
+    cfg = smoke_config('source_only', iters=6, save_every=2, log_every=3)
     with pytest.raises(T.NonFiniteLossError, match=r"'src' at iteration 3") as e:
         T.train(cfg, run_dir=tmp_path/'run')
     assert 'iter_0000002.pth' in str(e.value)
@@ -175,10 +91,10 @@ def _child(cfg, run, kill_at, tmp_path):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_resume_after_sigkill_is_exact(tiny_data, tmp_path):
+def test_resume_after_sigkill_is_exact(smoke_config, tmp_path):
     "A run SIGKILLed right after its iteration-2 checkpoint and resumed ends with the uninterrupted run's weights."
     from tps.train import load_training_checkpoint
-    cfg = tiny_config(tiny_data, tmp_path, 'tps', iters=5, save_every=2, flip_p=0.5)
+    cfg = smoke_config('tps', iters=5, save_every=2, flip_p=0.5)
     full = _child(cfg, tmp_path/'full', -1, tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]
     killed = _child(cfg, tmp_path/'killed', 2, tmp_path)
@@ -196,18 +112,65 @@ def test_resume_after_sigkill_is_exact(tiny_data, tmp_path):
     assert recs == [1, 2, 3, 4, 5]
 
 
-def test_batched_no_grad_pair_equals_two_passes():
+def test_batched_teacher_pass_equals_two_passes():
     "With eval-mode BN the teacher's two frames share one backbone pass; the result equals the plain forward."
     from tps.model import TPSNet
-    from tps.train import StepContext, _no_grad_pair, _bn_batch_stats
+    from tps.teacher import teacher_forward, _bn_batch_stats
     torch.manual_seed(0)
     net = TPSNet('resnet18', 5, bn='frozen').train()
     assert not _bn_batch_stats(net) and _bn_batch_stats(TPSNet('resnet18', 5).train())
-    ctx = StepContext(net, get_preset('demo'), torch.Generator(), torch.device('cpu'))
     x1, x2, flow = torch.randn(2, 3, 32, 64), torch.randn(2, 3, 32, 64), torch.randn(2, 2, 16, 32)
-    a = _no_grad_pair(ctx, x1, x2, flow)
+    a = teacher_forward(net, x1, x2, flow)
     with torch.no_grad(): b = net(x1, x2, flow)
     for u, v in zip(a, b): assert torch.allclose(u, v, atol=1e-4)
+
+
+def _plain_loop(cfg, iters):
+    "The same training written out plainly: data in the sampler's order, SGD with the poly schedule, the step's losses."
+    from torch.utils.data import DataLoader, DistributedSampler
+    from tps.augment import to_input, match_histograms
+    from tps.data.build import build_source, build_target
+    from tps.losses import seg_loss
+    from tps.model import build_model, param_groups
+    t = cfg.train
+    torch.use_deterministic_algorithms(True)
+    random.seed(t.seed); np.random.seed(t.seed); torch.manual_seed(t.seed)
+    def batches(ds, seed):
+        epoch = 0
+        while True:
+            s = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True); s.set_epoch(epoch)
+            yield from DataLoader(ds, batch_size=1, sampler=s)
+            epoch += 1
+    src_it = batches(build_source(cfg), t.seed) if t.method != 'oracle' else None
+    tgt_it = batches(build_target(cfg, 'train'), t.seed + 1)
+    net = build_model(cfg.model).train()
+    opt = torch.optim.SGD(param_groups(net, t.lr), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    for it in range(iters):
+        for g in opt.param_groups: g['lr'] = t.lr * (1 - it / t.max_iters) ** t.power * g['lr_mult']
+        src = next(src_it) if src_it is not None else None
+        tgt = next(tgt_it)
+        opt.zero_grad()
+        if t.method == 'oracle':
+            out = net(to_input(tgt['d']), to_input(tgt['c']), tgt['flow_dc'])
+            loss = seg_loss(out.fused_main, out.fused_aux, tgt['label'], t.lambda_aux)['loss']
+        else:
+            fr = to_input(match_histograms(torch.cat([src['d'], src['c']]), torch.cat([tgt['d'], tgt['d']])))
+            out = net(fr[:1], fr[1:], src['flow_dc'])
+            loss = seg_loss(out.fused_main, out.fused_aux, src['label'], t.lambda_aux)['loss']
+        loss.backward(); opt.step()
+    return net.state_dict()
+
+
+@pytest.mark.parametrize('method', ['source_only', 'oracle'])
+def test_train_loop_equals_a_plain_loop(smoke_config, method):
+    "Source-only and oracle through `train` (deterministic) end with exactly the weights of a plain loop."
+    from tps.train import train, load_training_checkpoint
+    cfg = smoke_config(method, iters=4, save_every=4)
+    got = load_training_checkpoint(train(cfg))['model']
+    want = _plain_loop(cfg, 4)
+    assert got.keys() == want.keys()
+    diff = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
 
 
 # ---------------------------------------------------------------- the hot path: same numbers, no host syncs, compile
@@ -217,7 +180,7 @@ def _random_batches(n, seed=0, Hs=32, Ws=64, Ht=32, Wt=64, C=15):
     img = lambda H, W: torch.randint(0, 256, (1, 3, H, W), generator=g, dtype=torch.uint8)
     flow = lambda H, W: torch.randn(1, 2, H, W, generator=g) * 2
     lab = lambda H, W: torch.randint(0, C, (1, H, W), generator=g, dtype=torch.uint8)
-    return [({'image': img(Hs, Ws), 'image_kf': img(Hs, Ws), 'flow': flow(Hs, Ws), 'label': lab(Hs, Ws)},
+    return [({'d': img(Hs, Ws), 'c': img(Hs, Ws), 'flow_dc': flow(Hs, Ws), 'label': lab(Hs, Ws)},
              {**{k: img(Ht, Wt) for k in 'dcba'}, **{k: flow(Ht, Wt) for k in ('flow_dc', 'flow_db', 'flow_ba')},
               'label': lab(Ht, Wt)}) for _ in range(n)]
 
@@ -250,9 +213,9 @@ def test_step_reproduces_recorded_losses(method):
     assert float(torch.rand(1, generator=ctx.generator)) == pytest.approx(nxt, abs=1e-7)  # same draws consumed
 
 
-def test_augmentation_generator_is_on_the_cpu(tiny_data, tmp_path):
+def test_augmentation_generator_is_on_the_cpu(smoke_config):
     from tps.train import train, load_training_checkpoint, StepContext
-    run = train(tiny_config(tiny_data, tmp_path, 'tps', iters=1, save_every=1))
+    run = train(smoke_config('tps', iters=1, save_every=1))
     state = load_training_checkpoint(run)['rng'][0]['generator']
     assert state.numel() == torch.Generator().get_state().numel()  # a CPU generator's state
     if torch.cuda.is_available():  # a device generator handed to a StepContext becomes a CPU one with its seed
@@ -277,7 +240,8 @@ def _sync_sites(fn) -> list:
 def test_step_has_no_host_sync_on_cuda(method):
     "Batch copy, one step (bf16) and the optimiser step run without a single host-device synchronisation."
     from tps.model import TPSNet
-    from tps.train import StepContext, STEPS, build_optimizer, set_lr, _to_device
+    from tps.train import StepContext, STEPS, build_optimizer, set_lr
+    from tps.data.core import to_device
     dev = torch.device('cuda')
     torch.backends.cudnn.benchmark = False  # benchmarking a new input size syncs (the student's size varies)
     cfg = get_preset('demo')
@@ -290,7 +254,7 @@ def test_step_has_no_host_sync_on_cuda(method):
               for pair in _random_batches(2, 0, 48, 96, 64, 128)]
     terms = {}
     def one(it):
-        src, tgt = (_to_device(b, dev) for b in pinned[it % 2])
+        src, tgt = (to_device(b, dev) for b in pinned[it % 2])
         set_lr(opt, it, cfg.train); opt.zero_grad(set_to_none=True)
         terms.update(STEPS[method](ctx, src, tgt)); opt.step()
     for it in range(3): one(it)  # warm-up: the warp kernel, blur matrices, allocator
@@ -314,7 +278,7 @@ def _inductor_ok() -> bool:
         return False
 
 
-def _compiled_run(tiny_data, tmp_path, monkeypatch, backend):
+def _compiled_run(smoke_config, tmp_path, monkeypatch, backend):
     import tps.train as T
     from torch._dynamo.utils import counters
     torch._dynamo.reset(); counters.clear()
@@ -324,7 +288,7 @@ def _compiled_run(tiny_data, tmp_path, monkeypatch, backend):
         calls.append(net)
         return orig(net, backend=backend, **kw)
     monkeypatch.setattr(T, 'compile_model', spy)
-    cfg = tiny_config(tiny_data, tmp_path, 'tps', iters=2, save_every=2, compile=True, deterministic=False)
+    cfg = smoke_config('tps', iters=2, save_every=2, compile=True, deterministic=False)
     run = T.train(cfg, run_dir=tmp_path/backend)
     assert len(calls) == 1 and 'single' in vars(calls[0])  # the per-frame pass was compiled in place
     graphs = counters['stats']['unique_graphs']
@@ -332,20 +296,20 @@ def _compiled_run(tiny_data, tmp_path, monkeypatch, backend):
     assert 1 <= graphs <= 6 < torch._dynamo.config.recompile_limit, graphs
     recs = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
     assert [r['iter'] for r in recs] == [1, 2] and all(np.isfinite(r[k]) for r in recs for k in ('src', 'tgt'))
-    eager = T.train(tiny_config(tiny_data, tmp_path, 'tps', iters=1, save_every=1, deterministic=False),
+    eager = T.train(smoke_config('tps', iters=1, save_every=1, deterministic=False),
                     run_dir=tmp_path/'eager')
     e = json.loads((eager/'metrics.jsonl').read_text().splitlines()[0])
     assert recs[0]['src'] == pytest.approx(e['src'], rel=1e-3) and recs[0]['tgt'] == pytest.approx(e['tgt'], rel=1e-3)
     torch._dynamo.reset()
 
 
-def test_compile_runs_two_iterations(tiny_data, tmp_path, monkeypatch):
+def test_compile_runs_two_iterations(smoke_config, tmp_path, monkeypatch):
     "train.compile=True compiles `single` (dynamic shapes) and trains; dynamo's tracing with the aot_eager backend."
-    _compiled_run(tiny_data, tmp_path, monkeypatch, 'aot_eager')
+    _compiled_run(smoke_config, tmp_path, monkeypatch, 'aot_eager')
 
 
 @pytest.mark.skipif(os.environ.get('TPS_SLOW_TESTS') != '1', reason='inductor on a CPU compiles for minutes: TPS_SLOW_TESTS=1')
-def test_compile_inductor_runs_two_iterations(tiny_data, tmp_path, monkeypatch):
+def test_compile_inductor_runs_two_iterations(smoke_config, tmp_path, monkeypatch):
     "The same with inductor, the default backend (about 3 min on 2 CPU cores)."
     if not _inductor_ok(): pytest.skip('torch.compile/inductor does not work here')
-    _compiled_run(tiny_data, tmp_path, monkeypatch, 'inductor')
+    _compiled_run(smoke_config, tmp_path, monkeypatch, 'inductor')

@@ -1,4 +1,4 @@
-"Tests of tps.warp: the reference warp against a loop transcription of SPEC section 3, gradients, errors, resize_flow, the CUDA build, and (on a GPU) the CUDA kernel."
+"Tests of tps.warp: the reference warp against a loop transcription of the warp formula, gradients, errors, resize_flow, the CUDA source and build, (on a GPU) the CUDA kernel, and the benchmark tool tps.tools.warp_bench."
 import math, os, stat, time, warnings
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU
 
 
 def warp_loops(x, flow, mode='bilinear'):
-    "SPEC section 3 as plain loops over pixels, float64 numpy, written independently of tps.warp."
+    "The warp formula as plain loops over pixels, float64 numpy, written independently of tps.warp."
     x, flow = np.asarray(x, np.float64), np.asarray(flow, np.float64)
     B, C, H, Wd = x.shape
     out = np.empty_like(x)
@@ -178,11 +178,24 @@ def test_cuda_source_compiles():
     assert callable(ext.warp_forward) and callable(ext.warp_backward)
 
 
+def test_cuda_source_is_package_data(repo):
+    "The kernel source is the file tps/csrc/flow_warp.cu, found through the installed package, declared as package data."
+    import configparser
+    from importlib import resources
+    src = W.warp_cuda_source()
+    assert src == (resources.files('tps') / 'csrc' / 'flow_warp.cu').read_text() == (repo / 'tps/csrc/flow_warp.cu').read_text()
+    for name in ('warp_forward', 'warp_backward'):
+        assert f'{name}(at::Tensor' in src and name in W._WARP_CPP_DECL
+    cp = configparser.ConfigParser(interpolation=None); cp.read(repo / 'settings.ini')
+    assert 'csrc/*.cu' in cp['DEFAULT']['package_data'].split()
+
+
 def test_benchmark_smoke():
-    rows = W.benchmark_warp('cpu', sizes=[(3, 12, 20)], min_time=0.01)
+    from tps.tools.warp_bench import benchmark_warp, format_benchmark
+    rows = benchmark_warp('cpu', sizes=[(3, 12, 20)], min_time=0.01)
     assert {(r['impl'], r['pass_']) for r in rows} == {(i, p) for i in ('torch', 'grid_sample') for p in ('fwd', 'fwd+bwd')}
     assert all(r['ms'] > 0 and r['gb_s'] > 0 and r['copy_gb_s'] > 0 for r in rows)
-    assert 'grid_sample' in W.format_benchmark(rows)
+    assert 'grid_sample' in format_benchmark(rows)
 
 
 # ---- on a GPU -------------------------------------------------------------------------------------------------
