@@ -105,6 +105,9 @@ def test_benchmark_notebook_smoke(tmp_path):
                         cwd=str(REPO), kernel_name='python3', language='python', progress_bar=False)
     r = json.loads((out / 'results.json').read_text())
     assert r['device_type'] == 'cpu' and 'CPU' in r['device'] and r['profile'] == 'smoke'
+    sp = r['davsn_speed']                                             # TPS against DA-VSN, both ratios
+    assert sp['davsn_over_tps'] == sp['s_per_iter']['davsn'] / sp['s_per_iter']['tps'] > 0
+    assert sp['davsn_python_splat_over_tps'] > 0 and 'DA-VSN / TPS' in r['table']
     for k in ('baseline', 'fast'):
         s = r['steps'][k]
         assert s['ms_median'] > 0 and s['peak_mem_mb'] > 0 and 0 < s['mfu'] < 1

@@ -88,3 +88,15 @@ def test_resume_after_sigkill_is_exact_with_discriminators(smoke_config, tmp_pat
         assert all(torch.equal(a['extras'][n][k], b['extras'][n][k]) for k in a['extras'][n]), n
         sa, sb = a['extras'][f'opt_{n}']['state'], b['extras'][f'opt_{n}']['state']
         assert all(torch.equal(sa[i]['exp_avg'], sb[i]['exp_avg']) for i in sa)
+
+
+def test_speed_yardstick_computes_the_same_step(smoke_config):
+    "davsn_speed's Python-loop splatting is a yardstick for the same computation: with the 'last' rule, same loss terms."
+    from tps.tools.davsn_speed import davsn_speed
+    cfg = smoke_config('davsn')
+    cfg.model.splat = 'last'
+    r = davsn_speed(cfg, device='cpu', warmup=1, iters=2)
+    assert set(r['s_per_iter']) == {'tps', 'davsn', 'davsn_python_splat'} and all(v > 0 for v in r['s_per_iter'].values())
+    a, b = r['timings']['davsn']['loss_terms'], r['timings']['davsn_python_splat']['loss_terms']
+    assert set(a) == set(b) and all(abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])) for k in a), (a, b)
+    assert r['davsn_over_tps'] == r['s_per_iter']['davsn'] / r['s_per_iter']['tps']

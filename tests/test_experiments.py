@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 pm = pytest.importorskip('papermill')
-from tps.experiments import parse_table_miou, run_notebook, notebooks_dir, METHOD_NAMES
+from tps.experiments import run_notebook, notebooks_dir
+from tps.results import parse_table_miou, METHOD_NAMES
 
 NB = notebooks_dir()
 TINY = {'data.source_size': [80, 48], 'data.target_size': [64, 32], 'eval.input_size': [64, 32],
@@ -94,3 +95,108 @@ def test_missing_data_root_fails_clearly(tmp_path):
 def test_bad_method_fails_clearly(tmp_path, tiny_data):
     msg = _fails(tmp_path, DATA_ROOT=str(tiny_data), METHODS=['tps', 'dann'])
     assert 'ConfigError' in msg and "unknown method(s) ['dann']" in msg
+
+
+# ---------------------------------------------------------------- finished runs are reused, never retrained
+def _quiet(*a, **k): pass
+
+
+def test_finished_runs_are_reused(tiny_data, tmp_path):
+    from tps.config import experiment_config
+    from tps.experiments import run_methods
+    cfg = experiment_config('demo', tiny_data, {**TINY, 'data.check': 'off'}, device='cpu')
+    its = {'warmup': 2, 'source_only': 2, 'tps': 2}
+    a = run_methods(cfg, ['source_only', 'tps'], [0], its, out_root=tmp_path, log=_quiet)
+    assert not any(r['reused'] for r in a) and len({r['run_dir'] for r in a}) == 3
+    b = run_methods(cfg, ['source_only', 'tps'], [0], its, out_root=tmp_path, log=_quiet)
+    assert all(r['reused'] for r in b) and [r['run_dir'] for r in b] == [r['run_dir'] for r in a]
+    assert [r['result']['miou'] for r in b] == [r['result']['miou'] for r in a]
+    # another config: the same warm-up is not taken for it, nor any row
+    cfg2 = experiment_config('demo', tiny_data, {**TINY, 'data.check': 'off', 'train.lr': 1e-3}, device='cpu')
+    c = run_methods(cfg2, ['tps'], [0], its, out_root=tmp_path, log=_quiet)
+    assert not any(r['reused'] for r in c) and not {r['run_dir'] for r in c} & {r['run_dir'] for r in a}
+    # reuse=False retrains; a run without its completion record (killed) is never reused
+    d = run_methods(cfg, ['tps'], [0], its, out_root=tmp_path, log=_quiet, reuse=False)
+    assert not any(r['reused'] for r in d)
+    for r in d: (Path(r['run_dir'])/'done.json').unlink()
+    e = run_methods(cfg, ['tps'], [0], its, out_root=tmp_path, log=_quiet)
+    assert [r['run_dir'] for r in e] == [a[0]['run_dir'], a[2]['run_dir']]   # the older finished runs
+
+
+def test_reuse_sees_regenerated_data(tmp_path):
+    "Same path, other generator parameters: the data digest differs, so nothing is reused."
+    from tps.config import experiment_config
+    from tps.data.synthetic import make_synthetic
+    from tps.experiments import run_methods, data_digest
+    root = tmp_path/'syn'
+    gen = dict(size=(64, 32), source_size=(80, 48), snippets=2, val_snippets=2, source_seqs=1, source_frames=20,
+               full_snippets=1, workers=1, progress=False)
+    make_synthetic(out=str(root), seed=0, **gen)
+    cfg = experiment_config('demo', root, {**TINY, 'data.check': 'off'}, device='cpu')
+    d0 = data_digest(cfg)
+    a = run_methods(cfg, ['source_only'], [0], 2, out_root=tmp_path/'runs', log=_quiet)
+    make_synthetic(out=str(root), seed=1, overwrite=True, **gen)
+    assert data_digest(cfg) != d0
+    b = run_methods(cfg, ['source_only'], [0], 2, out_root=tmp_path/'runs', log=_quiet)
+    assert not b[0]['reused'] and b[0]['run_dir'] != a[0]['run_dir']
+
+
+# ---------------------------------------------------------------- calibration, gap sweep and ablation notebooks, tiny
+TINY_GEN = dict(size=(64, 32), source_size=(80, 48), snippets=3, val_snippets=2, source_seqs=1, source_val_seqs=1,
+                source_frames=20, full_snippets=1, workers=1)
+TINY_ITERS = {'warmup': 2, 'source_only': 2, 'davsn': 2, 'pixmatch': 2, 'tps': 2, 'oracle': 2}
+
+
+def test_calibration_notebook(tmp_path):
+    setting = lambda name: {'name': name, 'why': 'test', 'data': TINY_GEN, 'overrides': TINY, 'iters': TINY_ITERS}
+    run_notebook(NB/'calibration.ipynb', tmp_path/'calibration.ipynb', stream=False, parameters=dict(
+        CANDIDATES=[setting('a')], CHOSEN=setting('chosen'), CHOSEN_DATA_ROOT=str(tmp_path/'data'/'chosen'),
+        SEEDS=[0, 1], DATA_DIR=str(tmp_path/'data'), DEVICE='cpu', OUT_ROOT=str(tmp_path)))
+    res = json.loads((tmp_path/'results.json').read_text())
+    assert [s['name'] for s in res['steps']] == ['a'] and res['chosen']['seeds'] == [0, 1]
+    c = res['chosen']['check']
+    so = [r for r in res['chosen']['records'] if r['method'] == 'source_only']
+    assert len(so) == 2 and all('source_result' in r for r in so)
+    assert abs(c['source_only_source'] - sum(r['source_result']['miou'] for r in so) / 2) < 0.01
+    assert (tmp_path/'figures'/'calibration.png').is_file() and (tmp_path/'calibration.md').read_text().count('\n') == 4
+
+
+def test_gap_sweep_notebook(tmp_path):
+    run_notebook(NB/'gap_sweep.ipynb', tmp_path/'gap_sweep.ipynb', stream=False, parameters=dict(
+        SHIFTS=[0.0, 1.0], METHODS=['source_only', 'tps'], SEEDS=[0], DATA=TINY_GEN, OVERRIDES=TINY, ITERS=TINY_ITERS,
+        DATA_DIR=str(tmp_path/'data'), DEVICE='cpu', OUT_ROOT=str(tmp_path)))
+    res = json.loads((tmp_path/'results.json').read_text())
+    assert set(res['per_shift']) == {'0', '1'}
+    for sh, v in res['per_shift'].items():
+        recs = [r for r in res['records'] if r['shift'] == float(sh) and r['method'] == 'tps']
+        assert v['miou']['tps']['values'] == [r['result']['miou'] for r in recs]
+        assert v['tps_pl_accuracy']['end']['mean'] is not None
+    assert json.loads((tmp_path/'data'/'shift_0'/'synthetic.json').read_text())['shift'] == 0.0
+    assert (tmp_path/'figures'/'gap_sweep.png').is_file()
+
+
+def test_ablation_notebook(tmp_path):
+    run_notebook(NB/'ablation.ipynb', tmp_path/'ablation.ipynb', stream=False, parameters=dict(
+        VARIANTS={'tps': {}, '+ema': {'train.teacher': 'ema'}}, SELECT_SEEDS=[0, 1], HOLDOUT=1, CHECK_SEEDS=[2],
+        CHECK_DATA_SEED=3, DATA=TINY_GEN, DATA_DIR=str(tmp_path/'data'), OVERRIDES=TINY, ITERS=TINY_ITERS,
+        DEVICE='cpu', OUT_ROOT=str(tmp_path)))
+    res = json.loads((tmp_path/'results.json').read_text())
+    assert res['chosen'] in ('tps', '+ema')
+    sel = [r for r in res['records'] if 'check' not in r]
+    held = {v: sum(r['holdout_result']['miou'] for r in sel if r['variant'] == v) / 2 for v in ('tps', '+ema')}
+    assert res['chosen'] == max(held, key=held.get)                   # chosen on the held-out frames
+    assert set(res['check']) == {'demo', 'unseen_seeds', 'unseen_data'} and res['check']['unseen_data']['data_seed'] == 3
+    assert (tmp_path/'data'/'seed_3'/'synthetic.json').is_file()
+
+
+def test_run_demo_records_seeds_and_data_seed(tmp_path):
+    "`tps demo --seeds 3 --data-seed 7` (through run_demo): the benchmark of seed 7, the rows of seed 3, both in results.json; everything under --out."
+    from tps.experiments import run_demo
+    r = run_demo(out=tmp_path/'demo', data=tmp_path/'syn', data_seed=7, seeds=(3,), methods=('source_only', 'tps'),
+                 iters=TINY_ITERS, overrides=TINY, make_data=TINY_GEN, device='cpu', progress=False)
+    res = json.loads(Path(r['results']).read_text())
+    assert res['seeds'] == [3] and res['data']['data_seed'] == 7
+    assert {x['seed'] for x in res['records'] if x['method'] != 'warmup'} == {3}
+    assert json.loads((tmp_path/'syn'/'synthetic.json').read_text())['seed'] == 7
+    assert r['figures'] and all(Path(f).is_relative_to(tmp_path/'demo') for f in r['figures'])
+    assert Path(r['results']).is_relative_to(tmp_path/'demo')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_cli.ipynb #3a63e5e0
 from __future__ import annotations
-import argparse, inspect, re, sys
+import argparse, inspect, os, re, sys
 from pathlib import Path
 from . import config as C
 
@@ -39,14 +39,14 @@ def _epilog(cfg: C.Config | None = None, name: str | None = None) -> str:
 
 # %% ../nbs/19_cli.ipynb #83296470
 def demo(out='runs/demo', data='data/synthetic', iters: int = 60, methods=('source_only', 'tps'), seeds=(0,),
-         device: str = 'auto', overrides: dict | None = None, progress: bool = True) -> str:
+         device: str = 'auto', overrides: dict | None = None, progress: bool = True, make_data: dict | None = None) -> str:
     "Synthetic data (if missing), `iters` iterations of each method per seed with the demo preset, evaluation; returns the table."
     from tps.train import train
     from tps.evaluate import evaluate, results_table, write_results
     data = Path(data)
     if not (data/'cityscapes').is_dir():
         from tps.data.synthetic import make_synthetic
-        make_synthetic(out=str(data), progress=progress)
+        make_synthetic(out=str(data), progress=progress, **(make_data or {}))
     rows = []
     for seed in seeds:
         for m in methods:
@@ -104,7 +104,8 @@ def _parser(argv=()) -> argparse.ArgumentParser:
     c.add_argument('overrides', nargs='*', metavar='section.key=value')
     k = sub.add_parser('check-data', help='decode every frame, label and flow a preset reads; list every bad file', epilog=ep, formatter_class=fmt)
     cfg_args(k, 'demo')
-    k.add_argument('--splits', nargs='+', default=['source', 'train', 'val'], help='datasets to check (default: source train val)')
+    k.add_argument('--splits', nargs='+', default=['source', 'train', 'val'], choices=['source', 'source_val', 'train', 'val'],
+                   help='datasets to check (default: source train val)')
     sub.add_parser('flow', help='precompute optical flows (tps-flow; `tps flow --help`)', add_help=False)
     sub.add_parser('make-synthetic', help='write the synthetic benchmark (tps-make-synthetic)', add_help=False)
     d = sub.add_parser('demo', help='the main job: synthetic data, every method x 3 seeds via papermill, table and figures')
@@ -120,11 +121,33 @@ def _parser(argv=()) -> argparse.ArgumentParser:
     d.add_argument('overrides', nargs='*', metavar='section.key=value')
     return p
 
+def _message(e: BaseException) -> str:
+    "The one-line text of an error: its message, or for an operating-system error the path and the reason."
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or type(e).__name__}"
+    return str(e.args[0]) if e.args else str(e)
+
+def _smoke_demo(a, ov: dict):
+    "`TPS_SMOKE=1`: shrink `tps demo` (both paths) to smoke size in place, and say so."
+    smoke = C.get_preset('smoke')
+    sizes = {k: list(v) for k, v in (('data.source_size', smoke.data.source_size), ('data.target_size', smoke.data.target_size),
+                                     ('eval.input_size', smoke.eval.input_size), ('eval.label_size', smoke.eval.label_size))}
+    for k, v in sizes.items(): ov.setdefault(k, v)
+    a.iters, a.warmup_iters = a.iters or 1, 1
+    a.seeds, a.device = a.seeds or [0], 'cpu' if a.device == 'auto' else a.device
+    a.make_data = {**C.SMOKE_SYNTHETIC, 'val_snippets': 2}      # two val frames: qualitative.ipynb shows two rows
+    print(f"tps demo: TPS_SMOKE=1: smoke size ({smoke.data.target_size[0]}x{smoke.data.target_size[1]} frames, "
+          f"seeds {list(a.seeds)}, {a.iters} iteration(s) per method after a 1-iteration warm-up, {a.device})", file=sys.stderr)
+
 def _config(a) -> C.Config:
-    "The config of a subcommand: `--preset` or `--config` (not both), then the overrides, validated."
-    if getattr(a, 'config', None) and getattr(a, 'preset', None):
-        raise C.ConfigError(f"pass either --preset ({a.preset}) or --config ({a.config}), not both: the config file already holds every setting")
-    cfg = C.load_config(a.config) if getattr(a, 'config', None) else C.get_preset(getattr(a, 'preset', None) or getattr(a, 'name', None) or 'demo')
+    "The config of a subcommand: a preset (`--preset`, or `tps config`'s name) or `--config` (not both), then the overrides, validated."
+    name = getattr(a, 'name', None)
+    if name and '=' in name:                                  # `tps config --config F key=value`: an override, not a name
+        a.overrides, a.name, name = [name, *a.overrides], None, None
+    preset = getattr(a, 'preset', None) or name
+    if getattr(a, 'config', None) and preset:
+        raise C.ConfigError(f"pass either a preset ({preset}) or --config ({a.config}), not both: the config file already holds every setting")
+    cfg = C.load_config(a.config) if getattr(a, 'config', None) else C.get_preset(preset or 'demo')
     return C.validate(C.apply_overrides(cfg, C.parse_overrides(a.overrides)))
 
 def _cmd_train(a) -> int:
@@ -145,9 +168,11 @@ def _cmd_train(a) -> int:
         from tps.evaluate import checkpoint_evaluator
         if not a.run_dir: a.run_dir = resolve_checkpoint(resume).parent.parent if resume else make_run_dir(cfg)
         on_checkpoint = checkpoint_evaluator(cfg, a.run_dir, a.eval_every)
-    try: run = train(cfg, run_dir=a.run_dir, on_checkpoint=on_checkpoint, force=tuple(a.force))
+    try: run = train(cfg, run_dir=a.run_dir, on_checkpoint=on_checkpoint, force=tuple(a.force), announce=True)
     except TrainingInterrupted as e:
-        print(f"tps: {e}", file=sys.stderr); return 130
+        msg = str(e)
+        if a.eval_every > 0: msg += f" --eval-every {a.eval_every}"   # the resume command ends the message
+        print(f"tps: {msg}", file=sys.stderr); return 130
     print(run)
     return 0
 
@@ -215,23 +240,32 @@ def main(argv=None) -> int:
         if a.cmd == 'eval': return _cmd_eval(a)
         if a.cmd == 'config':
             import yaml
-            if not a.name and not a.config: raise C.ConfigError(f"tps config: name a preset ({', '.join(sorted(C.PRESETS))}) or pass --config FILE")
+            if not (a.name and '=' not in a.name) and not a.config: raise C.ConfigError(f"tps config: name a preset ({', '.join(sorted(C.PRESETS))}) or pass --config FILE")
             print(yaml.safe_dump(C.config_to_dict(_config(a)), sort_keys=False), end=''); return 0
         if a.cmd == 'check-data': return _cmd_check_data(a)
         if a.cmd == 'demo':
             ov = C.parse_overrides(a.overrides)
+            if os.environ.get('TPS_SMOKE') == '1': _smoke_demo(a, ov)
             C.validate(C.apply_overrides(C.get_preset('demo'), ov))  # a bad key or value fails here, before any work
             from tps.experiments import run_demo, DEMO_SEEDS, demo_data_dir
             data = a.data or str(demo_data_dir(a.data_seed))
+            make_data = getattr(a, 'make_data', None)
             if a.quick:
                 print(demo(out=a.out, data=data, iters=a.iters or 60, seeds=tuple(a.seeds or (0,)), device=a.device,
-                           overrides=ov), end='')
+                           overrides=ov, make_data=make_data), end='')
                 return 0
-            run_demo(out=a.out, data=data, data_seed=a.data_seed, iters=a.iters, seeds=tuple(a.seeds or DEMO_SEEDS),
-                     device=a.device, overrides=ov, figures=a.figures, results=a.results)  # prints the table and where things are
+            try:
+                run_demo(out=a.out, data=data, data_seed=a.data_seed, iters=a.iters, seeds=tuple(a.seeds or DEMO_SEEDS),
+                         device=a.device, overrides=ov, figures=a.figures, results=a.results, make_data=make_data,
+                         warmup_iters=getattr(a, 'warmup_iters', None))  # prints the table and where things are
+            except FileExistsError as e:
+                if 'synthetic benchmark' not in str(e): raise
+                raise FileExistsError(f"{data} holds a synthetic benchmark made with other options than the demo's (e.g. by "
+                                      f"`tps make-synthetic`): expected the demo's own or none; pass --data NEW_FOLDER, "
+                                      f"or delete {data} so that the demo writes its benchmark there") from None
             return 0
     except (C.ConfigError, KeyError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
-        print(f"tps: error: {e.args[0] if e.args else e}", file=sys.stderr); return 2
+        print(f"tps: error: {_message(e)}", file=sys.stderr); return 2
     except KeyboardInterrupt:
         print("tps: interrupted", file=sys.stderr); return 130
     except Exception as e:  # a failure while running: one line, the type and the message

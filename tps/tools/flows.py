@@ -154,8 +154,34 @@ def _run_batch(jobs, out: Path, dataset: str, size, method, preset, overwrite, w
             except Exception as e: res.append(('failed', j.name, f'{type(e).__name__}: {e}'))
     return res
 
-def _init_worker():
-    "Worker processes: one OpenCV/torch thread each; the parent handles Ctrl-C."
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+def _die_with_parent(parent_pid: int | None = None) -> bool:
+    "Linux: ask the kernel to SIGKILL this process when its parent dies; exit now if `parent_pid` is already gone. False elsewhere."
+    if not sys.platform.startswith('linux'): return False
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0: return False
+    except (OSError, AttributeError): return False
+    # A fork-server child's parent is the fork server, which exits when the last copy of its "alive" pipe closes:
+    # the command holds one, and every child gets one too. Close the child's, so the server follows the command.
+    from multiprocessing import forkserver
+    fs = getattr(forkserver, '_forkserver', None)
+    alive = getattr(fs, '_forkserver_alive_fd', None)
+    if alive is not None and os.getppid() != parent_pid:
+        try: os.close(alive)
+        except OSError: pass
+        fs._forkserver_alive_fd = None
+    if parent_pid is not None:                                  # the parent may have died before prctl: check once
+        try: os.kill(parent_pid, 0)
+        except ProcessLookupError: os._exit(1)
+        except PermissionError: pass
+    return True
+
+def _init_worker(parent_pid: int | None = None):
+    "Worker processes: one OpenCV/torch thread each; the parent handles Ctrl-C; they die with their parent (Linux)."
+    _die_with_parent(parent_pid)
     import cv2
     cv2.setNumThreads(1); torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -202,7 +228,7 @@ def precompute_flows(jobs, out, dataset: str, size=None, method: str = 'dis', pr
             from concurrent.futures import ProcessPoolExecutor, wait, FIRST_COMPLETED
             ctx = mp.get_context('forkserver' if 'forkserver' in mp.get_all_start_methods() else 'spawn')
             if ctx.get_start_method() == 'forkserver': ctx.set_forkserver_preload(['tps.tools.flows'])
-            ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_m._init_worker)
+            ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_m._init_worker, initargs=(os.getpid(),))
             todo = iter(jobs)
             for j in todo:
                 pending.add(ex.submit(_m._run_job, j, **kw))
