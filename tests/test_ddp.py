@@ -20,9 +20,12 @@ _SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_ddp_replicas_identical(smoke_config, tmp_path):
+@pytest.mark.parametrize('method', ['tps', 'davsn'])
+def test_ddp_replicas_identical(smoke_config, tmp_path, method):
+    "Two ranks end with the same network (DA-VSN: and the same discriminators, saved once with the run)."
     from tps.train import list_checkpoints, load_training_checkpoint
-    cfg = smoke_config('tps', iters=3, save_every=3)
+    cfg = smoke_config(method, iters=3, save_every=3)
+    if method == 'davsn': cfg.model.fusion = 'splat'
     cpath = tmp_path/'cfg.yaml'; save_config(cfg, cpath)
     script = tmp_path/'ddp_train.py'; script.write_text(_SCRIPT)
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
@@ -39,6 +42,7 @@ def test_ddp_replicas_identical(smoke_config, tmp_path):
     assert ck['world_size'] == 2 and len(ck['rng']) == 2 and ck['rng'][0]['data']['tgt'] == ck['rng'][1]['data']['tgt']
     assert not torch.equal(ck['rng'][0]['generator'], ck['rng'][1]['generator'])  # ranks augment differently
     assert all(torch.equal(ck['model'][k], w0[k]) for k in params)
+    if method == 'davsn': assert set(ck['extras']) >= {'d_sta_main', 'd_sa_main'}
 
 
 # ---------------------------------------------------------------- two "nodes": two torchrun invocations on loopback
@@ -95,6 +99,7 @@ def test_two_nodes_on_loopback(smoke_config, tmp_path):
     ck = load_training_checkpoint(run)
     assert [p.name for p in list_checkpoints(run)] == ['iter_0000002.pth'] and ck['world_size'] == 2 and len(ck['rng']) == 2
     assert all(torch.equal(ck['model'][k], w0[k]) for k in params)
+    if method == 'davsn': assert set(ck['extras']) >= {'d_sta_main', 'd_sa_main'}
 
 
 # ---------------------------------------------------------------- SLURM: ranks from srun's variables

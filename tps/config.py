@@ -205,6 +205,7 @@ def _plus(base):
         c = apply_overrides(PRESETS[base](), TPS_PLUS)
         c.name = 'tps_plus' if base == 'demo' else f'{base}_plus'
         return c
+    make.__name__ = make.__qualname__ = '_tps_plus' if base == 'demo' else f'_{base}_plus'
     return make
 
 PRESETS = {'syn2city': _syn2city, 'viper2city': _viper2city, 'syn2city_faithful': _syn2city_faithful,
@@ -368,7 +369,8 @@ def config_to_dict(cfg: Config) -> dict:
         return v
     return plain(asdict(cfg))
 
-RENAMED = {'data.skip_missing': ('data.on_bad_file', lambda v: 'skip' if v else 'error')}
+def _skip_if_true(v): return 'skip' if v else 'error'
+RENAMED = {'data.skip_missing': ('data.on_bad_file', _skip_if_true)}
 "Keys of earlier versions of the kit, read from saved configs as their successors."
 
 def config_from_dict(d: dict, base: Config | None = None) -> Config:

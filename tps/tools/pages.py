@@ -252,7 +252,7 @@ def symbol_markdown(obj, name: str, level: int = 2, doc: str | None = None, link
         d = inspect.getdoc(obj) if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.ismethod(obj) \
             or inspect.isbuiltin(obj) else (obj.__doc__ if type(obj).__doc__ != obj.__doc__ else None)
     else:
-        r = re.sub(r"<function (\w+) at 0x[0-9a-f]+>", r'\1', repr(obj))
+        r = re.sub(r"<function ([\w.<>]+) at 0x[0-9a-f]+>", r'\1', repr(obj))
         out.append(f'```python\n{short} = {r if len(r) <= 300 else r[:300] + " ..."}\n```')
         d = doc
     if d: out.append(d.strip())

@@ -1,0 +1,51 @@
+"Every number README shows comes from a committed results file that an experiment notebook wrote: the tables verbatim, the paired differences and the speed ratios as the kit formats them."
+import json
+from pathlib import Path
+import pytest
+
+from tps.results import format_differences
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO/'results'
+README = (REPO/'README.md').read_text()
+
+
+def _json(name: str) -> dict:
+    p = RESULTS/name/'results.json'
+    assert p.is_file(), f"{p}: missing (README quotes it)"
+    return json.loads(p.read_text())
+
+
+@pytest.mark.parametrize('name, table', [('calibration', 'calibration.md'), ('demo', 'results.md'),
+                                         ('gap_sweep', 'gap_sweep.md'), ('ablation', 'ablation.md')])
+def test_tables_in_readme_are_the_results_files(name, table):
+    text = (RESULTS/name/table).read_text().strip()
+    assert text in README, f"README does not show results/{name}/{table} as written"
+    assert text == _json(name)['table'].strip()                       # the .md file is the notebook's own table
+
+
+@pytest.mark.parametrize('name', ['demo', 'demo_seeds_3_4', 'demo_data_5'])
+def test_paired_differences_in_readme(name):
+    lines = format_differences(_json(name)['comparison'])
+    assert lines and all(l in README for l in lines), f"README's paired differences differ from results/{name}/results.json"
+
+
+def test_demo_records_its_seeds_and_data_seed():
+    assert _json('demo')['seeds'] == [0, 1, 2] and _json('demo')['data']['data_seed'] == 0
+    assert _json('demo_seeds_3_4')['seeds'] == [3, 4] and _json('demo_data_5')['data']['data_seed'] == 5
+
+
+def test_ablation_checks_in_readme():
+    res = _json('ablation')
+    for tag, v in res['check'].items():
+        for l in format_differences(v['differences']): assert l in README, (tag, l)
+
+
+def test_speed_ratio_in_readme():
+    line = next(l for l in _json('benchmark')['table'].splitlines() if l.startswith('DA-VSN / TPS'))
+    assert line in README
+
+
+def test_readme_figures_exist():
+    import re
+    for f in re.findall(r'\]\((figures/[^)]+)\)', README): assert (REPO/f).is_file(), f
