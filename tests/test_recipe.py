@@ -116,7 +116,7 @@ def test_ema_run_resumes_exactly(smoke_config, tmp_path):
 @pytest.mark.parametrize('name', ['syn2city', 'viper2city', 'syn2city_faithful', 'viper2city_faithful', 'demo'])
 def test_paper_presets_keep_the_published_recipe(name):
     t = get_preset(name).train
-    assert (t.teacher, t.pl_weighting, t.conf_threshold) == ('self', 'none', 0.0)
+    assert (t.teacher, t.pl_weighting, t.conf_threshold, t.class_mix) == ('self', 'none', 0.0, False)
 
 
 def test_plus_presets_only_add_the_switches():
