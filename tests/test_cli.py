@@ -229,6 +229,10 @@ def test_demo_command_runs_the_papermill_demo(monkeypatch):
     assert seen['out'] == 'o' and seen['data'] == 'd' and seen['seeds'] == (4, 5) and seen['device'] == 'cpu'
     assert seen['overrides'] == {'train.log_every': '5'} and seen['iters'] is None
     assert seen['figures'] == 'f' and seen['results'] == 'r' and seen['make_data'] is None
+    assert seen['methods'] == ('source_only', 'davsn', 'pixmatch', 'tps', 'oracle')    # every row by default
+    assert tps.cli.main(['demo', '--methods', 'source_only', 'tps', 'oracle']) == 0
+    assert seen['methods'] == ('source_only', 'tps', 'oracle')
+    assert tps.cli.main(['demo', '--methods', 'dann']) == 2 and seen['methods'] == ('source_only', 'tps', 'oracle')
     assert tps.cli.main(['demo', 'train.nope=1']) == 2  # a bad override: one-line error, exit 2
     monkeypatch.setenv('TPS_SMOKE', '1')                # smoke size: 64x32, one seed, one iteration, the CPU
     seen.clear()

@@ -60,6 +60,15 @@ def test_adapt_outputs(adapt_run):
     assert md and parse_table_miou(''.join(md[0]) if isinstance(md[0], list) else md[0]) == want
     assert res['table'].splitlines()[0].endswith('| truck | bus | mIoU |')   # scored classes as columns, mIoU last
     assert 'person' not in res['table'].splitlines()[0]                     # the demo does not score it (DEMO_DROP)
+    # the teacher check: TPS from each seed's oracle checkpoint, outside the table
+    tc = res['teacher_check']
+    assert set(tc['tps_from_oracle']) == {'0', '1'} and not any('from_oracle' in r['run_dir'] for r in recs)
+    orc = {str(r['seed']): r['result']['miou'] for r in recs if r['method'] == 'oracle'}
+    diffs = [tc['tps_from_oracle'][s] - orc[s] for s in ('0', '1')]
+    assert abs(tc['minus_oracle']['mean'] - sum(diffs) / 2) < 0.006
+    assert set(tc['pl_accuracy']) == {'tps_from_oracle', 'tps', 'pixmatch'}
+    assert all(0 <= v['start']['mean'] <= 100 for v in tc['pl_accuracy'].values())
+    assert len(list((out/'runs').glob('tps_from_oracle_s*/*/done.json'))) == 2
 
 
 def test_qualitative(adapt_run):

@@ -49,3 +49,10 @@ def test_speed_ratio_in_readme():
 def test_readme_figures_exist():
     import re
     for f in re.findall(r'\]\((figures/[^)]+)\)', README): assert (REPO/f).is_file(), f
+
+
+def test_plus_preset_is_the_ablation_choice():
+    "`TPS_PLUS` (the `*_plus` presets) is the variant the committed ablation chose on its held-out frames."
+    from tps.config import TPS_PLUS
+    res = _json('ablation')
+    assert res['variants'][res['chosen']] == TPS_PLUS, (res['chosen'], TPS_PLUS)
