@@ -181,7 +181,7 @@ def test_bad_input_missing_frame(tmp_path, tree):
     c, q, t = ds.samples[-1]
     gone = ds.frame_path(c, q, t - 1); gone.unlink()
     with pytest.raises(DatasetError) as e: CityscapesSeq(cs, tree/'cityscapes_flow/train', size=TGT)
-    assert str(gone) in str(e.value) and 'skip_missing' in str(e.value)
+    assert str(gone) in str(e.value) and 'data.on_bad_file=skip' in str(e.value)
     ok = CityscapesSeq(cs, tree/'cityscapes_flow/train', size=TGT, skip_missing=True)
     assert len(ok) == len(ds) - 1 and ok.skipped == 1
     vp = _copy(tree/'viper', tmp_path/'vp')

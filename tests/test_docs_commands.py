@@ -11,7 +11,7 @@ datasets at smoke size. Each step is run as written, except for these rules (and
   from inside itself;
 - the environment has `TPS_SMOKE=1` (`tps demo` at smoke size, see `nbs/19_cli.ipynb`) and one thread per process;
 - `tps make-synthetic` / `tps-make-synthetic` get the smoke generator's options appended (`SMOKE_SYNTHETIC`);
-- `/datasets/...` is the scratch folder's `data/...` (the smoke data);
+- `/datasets/...` is the scratch folder's `data/...` (the smoke data; its VIPER frames are 16:9, as the real ones);
 - a paper preset (`--preset syn2city`, `-p PRESET viper2city`) needs the real datasets, ImageNet weights and a GPU:
   the command is first checked as written (`tps config` on its preset and overrides, and `check_init`), then run
   with the `smoke` preset plus that preset's name, data folders and class setting (`PAPER_AT_SMOKE_SIZE`), the
@@ -131,7 +131,13 @@ def _scratch(root: Path, smoke_data: Path) -> Path:
     from tps.data.synthetic import make_synthia_tree
     work = root/'checkout'; (work/'data').mkdir(parents=True)
     os.symlink(REPO/'nbs', work/'nbs')
-    for name in ('viper', 'cityscapes'): shutil.copytree(smoke_data/name, work/'data'/name)
+    shutil.copytree(smoke_data/'cityscapes', work/'data'/'cityscapes')
+    # VIPER frames are 16:9 like the real ones (1920x1080), so the flows data/README's tps-flow writes at VIPER's
+    # published flow size (1024x576) have the frames' aspect ratio
+    from tps.config import SMOKE_SYNTHETIC
+    from tps.data.synthetic import make_synthetic
+    make_synthetic(out=str(root/'viper16x9'), progress=False, **{**SMOKE_SYNTHETIC, 'source_size': (64, 36)})
+    shutil.copytree(root/'viper16x9'/'viper', work/'data'/'viper')
     make_synthia_tree(work/'data'/'synthia', size=(64, 38), frames=6)
     shutil.rmtree(work/'data'/'synthia'/'synthia_flow')        # data/README's tps-flow command computes data/synthia_flow
     _write_init(work/'data'/'DeepLab_resnet_pretrained_imagenet.pth')

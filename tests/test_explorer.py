@@ -46,15 +46,16 @@ def ex(bench):
 
 def test_model_from_state_dict_or_training_checkpoint(bench, tmp_path):
     sd = torch.load(bench/'r18.pth')
-    assert infer_model_kwargs(sd) == dict(arch='resnet18', num_classes=15, multi_level=True)
+    assert infer_model_kwargs(sd) == dict(arch='resnet18', num_classes=15, multi_level=True, width=64)
     net, _ = load_model(bench/'r18.pth', device='cpu')
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in sd.items())
     cfg = apply_overrides(get_preset('demo'), {'model.num_classes': '12', 'model.multi_level': 'false',
                                                'model.flow_scale': 'per_axis'})
-    small = TPSNet('resnet18', 12, multi_level=False, flow_scale='per_axis')
+    small = TPSNet('resnet18', 12, multi_level=False, flow_scale='per_axis', width=cfg.model.width)   # the demo's half width
     torch.save({'model': small.state_dict(), 'iter': 3, 'config': config_to_dict(cfg)}, tmp_path/'iter_0000003.pth')
     got, _ = load_model(tmp_path/'iter_0000003.pth', device='cpu')
     assert (got.num_classes, got.multi_level, got.flow_scale) == (12, False, 'per_axis')
+    assert infer_model_kwargs(small.state_dict())['width'] == cfg.model.width == 32
     assert infer_model_kwargs({'module.' + k: v for k, v in small.state_dict().items()})['multi_level'] is False
     (tmp_path/'bad.pth').write_bytes(b'not a checkpoint')
     with pytest.raises(CheckpointError, match='bad.pth'): load_model(tmp_path/'bad.pth')

@@ -650,6 +650,6 @@ def test_flow_workers_die_with_their_parent(smoke_data, tmp_path):
      ['MASTER_ADDR', 'MASTER_PORT', 'SLURM_JOB_NODELIST', 'SLURM_JOB_ID', 'expected']),
 ])
 def test_bad_launch_environment_is_named(fault, env, pieces):
-    from tps.train import distributed_env
+    from tps.distributed import distributed_env
     with pytest.raises((ValueError, RuntimeError)) as e: distributed_env(env)
     for p in pieces: assert p in str(e.value), (p, str(e.value))

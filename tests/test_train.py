@@ -21,7 +21,7 @@ def test_lr_schedule_per_group(legacy):
     from tps.model import TPSNet
     from tps.train import build_optimizer, set_lr, poly_lr
     cfg = get_preset('demo').train
-    cfg.lr, cfg.max_iters, cfg.power, cfg.legacy_lr = 1e-3, 1000, 0.9, legacy
+    cfg.lr, cfg.max_iters, cfg.power, cfg.legacy_lr, cfg.warmup_iters = 1e-3, 1000, 0.9, legacy, 0
     opt = build_optimizer(TPSNet('resnet18', 15), cfg)
     assert [g['name'] for g in opt.param_groups] == ['backbone', 'fusion', 'heads']
     assert [g['lr'] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3, 1e-2])
@@ -32,6 +32,10 @@ def test_lr_schedule_per_group(legacy):
         lrs = set_lr(opt, it, cfg)
         want = [p, 10 * p, 1e-2] if legacy else [p, p, 10 * p]  # legacy: fusion 10x poly, heads constant 10x lr
         assert lrs == pytest.approx(want) and [g['lr'] for g in opt.param_groups] == pytest.approx(want)
+    cfg.warmup_iters = 10                                      # a linear ramp over the first 10 iterations, then poly
+    for it, ramp in ((0, 0.1), (4, 0.5), (9, 1.0), (10, 1.0)):
+        p = 1e-3 * (1 - it / 1000) ** 0.9 * ramp
+        assert set_lr(opt, it, cfg)[0] == pytest.approx(p)
 
 
 @pytest.mark.parametrize('method', ['source_only', 'pixmatch', 'tps', 'oracle'])
@@ -126,7 +130,7 @@ def test_batched_teacher_pass_equals_two_passes():
 
 
 def _plain_loop(cfg, iters):
-    "The same training written out plainly: data in the sampler's order, SGD with the poly schedule, the step's losses."
+    "The same training written out plainly: data in the sampler's order, SGD with the warm-up and poly schedule, the step's losses."
     from torch.utils.data import DataLoader, DistributedSampler
     from tps.augment import to_input, match_histograms
     from tps.data.build import build_source, build_target
@@ -146,7 +150,8 @@ def _plain_loop(cfg, iters):
     net = build_model(cfg.model).train()
     opt = torch.optim.SGD(param_groups(net, t.lr), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     for it in range(iters):
-        for g in opt.param_groups: g['lr'] = t.lr * (1 - it / t.max_iters) ** t.power * g['lr_mult']
+        ramp = (it + 1) / t.warmup_iters if it < t.warmup_iters else 1.0          # linear warm-up, then poly decay
+        for g in opt.param_groups: g['lr'] = t.lr * (1 - it / t.max_iters) ** t.power * ramp * g['lr_mult']
         src = next(src_it) if src_it is not None else None
         tgt = next(tgt_it)
         opt.zero_grad()
