@@ -207,19 +207,54 @@ def test_delegation():
         assert rc == 0 and prog in out
 
 
-def test_demo_function(smoke_data, tmp_path):
-    from tps.cli import demo
+def test_demo_quick_path(smoke_data, tmp_path):
+    "`run_demo(quick=True)` (`tps demo --quick`): source-only and TPS from scratch, evaluated, the table written and returned."
+    from tps.experiments import run_demo
     ov = {'data.source_size': [64, 32], 'data.target_size': [64, 32], 'eval.input_size': [64, 32],
           'eval.label_size': [64, 32], 'train.device': 'cpu'}
-    table = demo(out=tmp_path, data=smoke_data, iters=1, overrides=ov, progress=False)
+    table = run_demo(out=tmp_path, data=smoke_data, iters=1, seeds=(0,), methods=('source_only', 'tps'), overrides=ov,
+                     progress=False, quick=True)['table']
     lines = table.splitlines()
     assert lines[0].startswith('| method | road |') and lines[0].endswith('| mIoU |')
     assert [l.split('|')[1].strip() for l in lines[2:]] == ['source_only', 'tps']
-    assert (tmp_path/'results.md').exists() and (tmp_path/'results.csv').exists()
+    assert (tmp_path/'results.md').read_text() == table and (tmp_path/'results.csv').exists()
+    assert not list(tmp_path.glob('*.ipynb'))                                              # no notebooks on this path
+
+
+def test_a_method_brings_its_own_model(smoke_data, tmp_path):
+    "`train.method=davsn` as an override trains DA-VSN on its own model (splat fusion), unless model.fusion is named too."
+    rc, out, _ = _run(['config', 'demo', 'train.method=davsn'])
+    assert rc == 0 and yaml.safe_load(out)['model']['fusion'] == 'splat'
+    rc, out, _ = _run(['config', 'demo', 'train.method=davsn', 'model.fusion=warp'])       # an ablation, on purpose
+    assert rc == 0 and yaml.safe_load(out)['model']['fusion'] == 'warp'
+    rc, out, _ = _run(['config', 'demo', 'train.method=tps'])
+    assert rc == 0 and yaml.safe_load(out)['model']['fusion'] == 'warp'
+    rc, out, err = _run(['train', '--preset', 'smoke', *_data_overrides(smoke_data, tmp_path), 'train.method=davsn'])
+    assert rc == 0, err
+    run = Path(out.strip().splitlines()[-1])
+    assert yaml.safe_load((run/'config.yaml').read_text())['model']['fusion'] == 'splat'
+    import torch
+    ck = torch.load(run/'checkpoints'/'iter_0000002.pth', map_location='cpu', weights_only=False)
+    assert {'d_sta_main', 'd_sa_main'} <= set(ck['extras'])                               # DA-VSN's discriminators trained
+
+
+def test_config_diff_prints_what_a_preset_changes():
+    rc, out, err = _run(['config', 'tps_plus', '--diff'])
+    assert rc == 0, err
+    assert out.splitlines() == ["tps_plus: changes from preset 'demo'", "  train.pl_weighting: 'none' -> 'quality'"]
+    rc, out, _ = _run(['config', 'smoke', '--diff'])
+    assert rc == 0 and "  train.iters: 300 -> 2" in out and "  data.target_size: [256, 128] -> [64, 32]" in out
+    assert 'train.lr' not in out                                                           # smoke keeps the demo's lr
+    rc, out, _ = _run(['config', 'syn2city_davsn', '--diff'])
+    assert rc == 0 and "  model.fusion: 'warp' -> 'splat'" in out and "  train.method: 'tps' -> 'davsn'" in out
+    rc, out, _ = _run(['config', 'demo', '--diff'])
+    assert rc == 0 and out.startswith('demo: changes from the defaults') and "  model.arch: 'resnet101' -> 'resnet18'" in out
+    rc, _, err = _run(['config', 'smoke', '--diff', 'train.lr=1'])
+    assert rc == 2 and '--diff' in err
 
 
 def test_demo_command_runs_the_papermill_demo(monkeypatch):
-    "`tps demo` hands its options to tps.experiments.run_demo (the main job); `--quick` does not."
+    "`tps demo` hands its options to tps.experiments.run_demo (the main job, through papermill)."
     import tps.experiments, tps.cli
     seen = {}
     monkeypatch.delenv('TPS_SMOKE', raising=False)
@@ -242,10 +277,11 @@ def test_demo_command_runs_the_papermill_demo(monkeypatch):
 
 
 def test_demo_quick_honours_seeds_and_device(monkeypatch):
-    "`tps demo --quick --seeds 5 --device cpu` passes both on (they were ignored once)."
-    import tps.cli
+    "`tps demo --quick --seeds 5 --device cpu` passes both on (they were ignored once), to the quick path of `run_demo`."
+    import tps.cli, tps.experiments
     seen = {}
     monkeypatch.delenv('TPS_SMOKE', raising=False)
-    monkeypatch.setattr(tps.cli, 'demo', lambda **kw: seen.update(kw) or '')
+    monkeypatch.setattr(tps.experiments, 'run_demo', lambda **kw: seen.update(kw) or {'table': ''})
     assert tps.cli.main(['demo', '--quick', '--seeds', '5', '--device', 'cpu', '--iters', '3', '--out', 'x']) == 0
     assert seen['seeds'] == (5,) and seen['device'] == 'cpu' and seen['iters'] == 3 and seen['out'] == 'x'
+    assert seen['quick'] is True and seen['methods'] == ('source_only', 'tps')

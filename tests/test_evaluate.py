@@ -7,7 +7,7 @@ from PIL import Image
 
 from tps.config import CLASS_NAMES, get_preset
 from tps.evaluate import (confusion_matrix, per_class_iou, mean_iou, train_to_label_ids, results_table,
-                          write_results, evaluate_run)
+                          write_table, evaluate_run)
 
 
 def _cityscapes_eval(pairs):
@@ -72,7 +72,7 @@ def test_results_table_and_files(tmp_path):
     head = md.splitlines()[0]
     assert 'fence' not in head and head.endswith('| mIoU |') and head.count('|') == 11 + 3
     assert md.splitlines()[2].startswith('| Source-only | 0.0 | 1.0 | 2.0 | 4.0')
-    md_path, csv_path = write_results([('TPS', r)], tmp_path/'results')
+    md_path, csv_path = write_table([('TPS', r)], tmp_path/'results')
     assert md_path.read_text().startswith('| method') and csv_path.read_text().splitlines()[1].endswith(',12.34')
 
 

@@ -98,7 +98,7 @@ BAD_VALUES = [  # (fault, overrides, pieces the one-line message must hold: the 
     ('momentum_one', ['train.momentum=1'], ['train.momentum=1.0', 'expected a number in [0, 1)']),
     ('flip_probability', ['train.flip_p=1.5'], ['train.flip_p=1.5', 'expected a number in [0, 1]']),
     ('aug_scale_reversed', ['train.aug_scale=[1.2,0.8]'], ['train.aug_scale=(1.2, 0.8)', '0 < min <= max']),
-    ('unknown_method', ['train.method=tpss'], ["train.method='tpss'", "expected one of ['tps'"]),
+    ('unknown_method', ['train.method=tpss'], ["train.method='tpss'", "expected one of ['source_only'"]),
     ('bad_device', ['train.device=gpu'], ["train.device='gpu'", "'auto', 'cpu', 'cuda' or 'cuda:N'"]),
     ('num_classes_vs_setting', ['model.num_classes=12'], ['model.num_classes=12', "expected 15, the viper setting's classes"]),
     ('unknown_choice', ['data.on_bad_file=ignore'], ["data.on_bad_file='ignore'", "expected one of ['error', 'skip']"]),

@@ -55,15 +55,32 @@ def test_method_runs(smoke_config, method):
     assert (run/'done.json').exists() and (run/'config.yaml').exists()
 
 
+def test_a_new_method_is_a_step_function_and_one_entry(smoke_config, monkeypatch):
+    "A toy method (the source loss at half weight) registered with one `METHODS` entry trains through `train`."
+    from tps.config import METHODS, Method
+    from tps.steps import source_loss
+    from tps.train import train, load_training_checkpoint
+    def step_half_source(ctx, src, tgt):
+        s = source_loss(ctx, src, tgt['d']); (0.5 * s['loss']).backward()
+        return {'src': s['loss'].detach().float()}
+    monkeypatch.setitem(METHODS, 'half_source', Method('Half source', step_half_source))
+    toy, base = train(smoke_config('half_source', iters=2)), train(smoke_config('source_only', iters=2))
+    recs = [[json.loads(l) for l in (r/'metrics.jsonl').read_text().splitlines()] for r in (toy, base)]
+    assert recs[0][0]['src'] == recs[1][0]['src']                  # same start, same batch: the same first loss
+    assert json.loads((toy/'done.json').read_text())['method'] == 'half_source'
+    a, b = load_training_checkpoint(toy)['model'], load_training_checkpoint(base)['model']
+    assert any(not torch.equal(a[k], b[k]) for k in a)              # but it trained with its own step
+
+
 def test_nonfinite_loss_stops(smoke_config, tmp_path, monkeypatch):
     import tps.train as T
     calls = {'n': 0}
-    orig = T.METHODS['source_only']
+    orig = T.method_step('source_only')
     def poisoned(ctx, src, tgt):
         out = orig(ctx, src, tgt); calls['n'] += 1
         if calls['n'] >= 4: out['src'] = out['src'] * float('nan')  # iteration 3 (0-based) goes bad
         return out
-    monkeypatch.setitem(T.METHODS, 'source_only', poisoned)
+    monkeypatch.setitem(T.METHODS, 'source_only', T.Method('Source-only', poisoned))
     cfg = smoke_config('source_only', iters=6, save_every=2, log_every=3)
     with pytest.raises(T.NonFiniteLossError, match=r"'src' at iteration 3") as e:
         T.train(cfg, run_dir=tmp_path/'run')
@@ -201,7 +218,7 @@ _RECORDED = {'tps': ([(3.089084, 2.571768), (11.965404, 0.206228), (6.653019, 0.
 @pytest.mark.parametrize('method', ['tps', 'pixmatch'])
 def test_step_reproduces_recorded_losses(method):
     from tps.model import TPSNet
-    from tps.train import StepContext, STEPS, build_optimizer, set_lr, seed_everything
+    from tps.train import StepContext, method_step, build_optimizer, set_lr, seed_everything
     cfg = get_preset('demo')
     cfg.train.method, cfg.train.flip_p = method, 0.5
     cfg.train.lr, cfg.train.warmup_iters, cfg.train.max_iters = 2.5e-3, 0, 300   # the values the losses were recorded with
@@ -212,7 +229,7 @@ def test_step_reproduces_recorded_losses(method):
     got = []
     for it, (src, tgt) in enumerate(_random_batches(3)):
         set_lr(opt, it, cfg.train); opt.zero_grad(set_to_none=True)
-        terms = STEPS[method](ctx, src, tgt); opt.step()
+        terms = method_step(method)(ctx, src, tgt); opt.step()
         got.append((float(terms['src']), float(terms['tgt'])))
     want, nxt = _RECORDED[method]
     assert np.allclose(got, want, rtol=1e-3, atol=1e-4), (got, want)
@@ -246,7 +263,7 @@ def _sync_sites(fn) -> list:
 def test_step_has_no_host_sync_on_cuda(method):
     "Batch copy, one step (bf16) and the optimiser step run without a single host-device synchronisation."
     from tps.model import TPSNet
-    from tps.train import StepContext, STEPS, build_optimizer, set_lr
+    from tps.train import StepContext, method_step, build_optimizer, set_lr
     from tps.data.core import to_device
     dev = torch.device('cuda')
     torch.backends.cudnn.benchmark = False  # benchmarking a new input size syncs (the student's size varies)
@@ -262,7 +279,7 @@ def test_step_has_no_host_sync_on_cuda(method):
     def one(it):
         src, tgt = (to_device(b, dev) for b in pinned[it % 2])
         set_lr(opt, it, cfg.train); opt.zero_grad(set_to_none=True)
-        terms.update(STEPS[method](ctx, src, tgt)); opt.step()
+        terms.update(method_step(method)(ctx, src, tgt)); opt.step()
     for it in range(3): one(it)  # warm-up: the warp kernel, blur matrices, allocator
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode('error')

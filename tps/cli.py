@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse, inspect, os, re, sys
 from pathlib import Path
 from . import config as C
-from .results import METHODS
+from .config import METHODS
 
 # %% auto #0
-__all__ = ['config_keys', 'demo', 'main']
+__all__ = ['config_keys', 'main']
 
 # %% ../nbs/19_cli.ipynb #fb94e4ea
 def config_keys() -> list:
@@ -38,29 +38,7 @@ def _epilog(cfg: C.Config | None = None, name: str | None = None) -> str:
         lines.append(f"  {k} = {v!r}" + (f"  # {c}" if c else ''))
     return '\n'.join(lines)
 
-# %% ../nbs/19_cli.ipynb #e8808fce
-def demo(out='runs/demo', data='data/synthetic', iters: int = 60, methods=('source_only', 'tps'), seeds=(0,),
-         device: str = 'auto', overrides: dict | None = None, progress: bool = True, make_data: dict | None = None) -> str:
-    "Synthetic data (if missing), `iters` iterations of each method per seed with the demo preset, evaluation; returns the table."
-    from tps.train import train
-    from tps.evaluate import evaluate, results_table, write_results
-    data = Path(data)
-    if not (data/'cityscapes').is_dir():
-        from tps.data.synthetic import make_synthetic
-        make_synthetic(out=str(data), progress=progress, **(make_data or {}))
-    rows = []
-    for seed in seeds:
-        for m in methods:
-            cfg = C.experiment_config('demo', data, overrides, device=device)  # the demo preset, data under `data`
-            cfg.name, cfg.train.method, cfg.train.seed, cfg.train.out_root = m, m, int(seed), str(Path(out)/'runs')
-            cfg.train.iters = cfg.train.save_every = int(iters)
-            run = train(cfg)
-            rows.append((m if len(seeds) == 1 else f'{m} (seed {seed})', evaluate(cfg, run, progress=progress)))
-    table = results_table(rows)
-    write_results(rows, Path(out)/'results')
-    return table
-
-# %% ../nbs/19_cli.ipynb #d6b2ea9f
+# %% ../nbs/19_cli.ipynb #6630a4e7
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2, no usage dump
         raise C.ConfigError(message)
@@ -103,13 +81,19 @@ def _parser(argv=()) -> argparse.ArgumentParser:
     c.add_argument('name', nargs='?', help='preset name (or use --config)')
     c.add_argument('--config', help='a config.yaml instead of a preset')
     c.add_argument('overrides', nargs='*', metavar='section.key=value')
+    c.add_argument('--diff', action='store_true', help="print only what the preset changes from its base preset (or the defaults)")
     k = sub.add_parser('check-data', help='decode every frame, label and flow a preset reads; list every bad file', epilog=ep, formatter_class=fmt)
     cfg_args(k, 'demo')
     k.add_argument('--splits', nargs='+', default=['source', 'train', 'val'], choices=['source', 'source_val', 'train', 'val'],
                    help='datasets to check (default: source train val)')
     sub.add_parser('flow', help='precompute optical flows (tps-flow; `tps flow --help`)', add_help=False)
     sub.add_parser('make-synthetic', help='write the synthetic benchmark (tps-make-synthetic)', add_help=False)
-    d = sub.add_parser('demo', help='the main job: synthetic data, every method x 3 seeds via papermill, table and figures')
+    _demo_args(sub.add_parser('demo', help='the main job: synthetic data, every method x 3 seeds via papermill, table and figures'))
+    return p
+
+# %% ../nbs/19_cli.ipynb #605ec8bf
+def _demo_args(d: argparse.ArgumentParser):
+    "The options of `tps demo`."
     d.add_argument('--out', default='runs/demo', help='runs, executed notebooks, results and figures go here')
     d.add_argument('--data', default=None, help='synthetic benchmark folder (written if missing; default data/synthetic, or data/synthetic_seed<N>)')
     d.add_argument('--data-seed', type=int, default=0, help='generation seed of the synthetic benchmark (default 0)')
@@ -120,27 +104,15 @@ def _parser(argv=()) -> argparse.ArgumentParser:
     d.add_argument('--device', default='auto', help="'auto' (GPU when there is one), 'cuda' or 'cpu'")
     d.add_argument('--figures', default=None, help='write the figures here instead of OUT/figures')
     d.add_argument('--results', default=None, help='write results.json/md/csv here instead of OUT')
-    d.add_argument('--quick', action='store_true', help='smallest end-to-end path instead: source-only and TPS, no notebooks')
+    d.add_argument('--quick', action='store_true', help='smallest end-to-end path instead: source-only and TPS (or --methods) briefly, no notebooks')
     d.add_argument('overrides', nargs='*', metavar='section.key=value')
-    return p
 
+# %% ../nbs/19_cli.ipynb #9f2496f2
 def _message(e: BaseException) -> str:
     "The one-line text of an error: its message, or for an operating-system error the path and the reason."
     if isinstance(e, OSError) and e.filename is not None:
         return f"{e.filename}: {e.strerror or type(e).__name__}"
     return str(e.args[0]) if e.args else str(e)
-
-def _smoke_demo(a, ov: dict):
-    "`TPS_SMOKE=1`: shrink `tps demo` (both paths) to smoke size in place, and say so."
-    smoke = C.get_preset('smoke')
-    sizes = {k: list(v) for k, v in (('data.source_size', smoke.data.source_size), ('data.target_size', smoke.data.target_size),
-                                     ('eval.input_size', smoke.eval.input_size), ('eval.label_size', smoke.eval.label_size))}
-    for k, v in sizes.items(): ov.setdefault(k, v)
-    a.iters, a.warmup_iters = a.iters or 1, 1
-    a.seeds, a.device = a.seeds or [0], 'cpu' if a.device == 'auto' else a.device
-    a.make_data = {**C.SMOKE_SYNTHETIC, 'val_snippets': 2}      # two val frames: qualitative.ipynb shows two rows
-    print(f"tps demo: TPS_SMOKE=1: smoke size ({smoke.data.target_size[0]}x{smoke.data.target_size[1]} frames, "
-          f"seeds {list(a.seeds)}, {a.iters} iteration(s) per method after a 1-iteration warm-up, {a.device})", file=sys.stderr)
 
 def _config(a) -> C.Config:
     "The config of a subcommand: a preset (`--preset`, or `tps config`'s name) or `--config` (not both), then the overrides, validated."
@@ -151,7 +123,10 @@ def _config(a) -> C.Config:
     if getattr(a, 'config', None) and preset:
         raise C.ConfigError(f"pass either a preset ({preset}) or --config ({a.config}), not both: the config file already holds every setting")
     cfg = C.load_config(a.config) if getattr(a, 'config', None) else C.get_preset(preset or 'demo')
-    return C.validate(C.apply_overrides(cfg, C.parse_overrides(a.overrides)))
+    ov = C.parse_overrides(a.overrides)
+    C.apply_overrides(cfg, ov)
+    if 'train.method' in ov: C.method_defaults(cfg, explicit=ov)   # a method brings its own model (DA-VSN: splat fusion)
+    return C.validate(cfg)
 
 def _cmd_train(a) -> int:
     from tps.train import train, TrainingInterrupted
@@ -179,6 +154,7 @@ def _cmd_train(a) -> int:
     print(run)
     return 0
 
+# %% ../nbs/19_cli.ipynb #663235e7
 def _eval_out(path: Path, rep: dict, best: bool) -> Path:
     "Where an evaluation's table goes: `<run>/eval/results_<checkpoint or best>_<split>`, beside a loose checkpoint otherwise."
     run = path if path.is_dir() else (path.parent.parent if path.parent.name == 'checkpoints' and (path.parent.parent/'config.yaml').exists() else None)
@@ -188,7 +164,7 @@ def _eval_out(path: Path, rep: dict, best: bool) -> Path:
 def _cmd_eval(a) -> int:
     path = Path(a.path)
     if not path.exists(): raise FileNotFoundError(f"{path}: no such checkpoint file or run folder")
-    from tps.evaluate import evaluate, evaluate_run, results_table, write_results
+    from tps.evaluate import evaluate, evaluate_run, results_table, write_table
     from tps.runs import run_config
     cfg = C.get_preset(a.preset) if a.preset else run_config(path)
     ov = C.parse_overrides(a.overrides)
@@ -204,7 +180,7 @@ def _cmd_eval(a) -> int:
         rep = evaluate(cfg, path, out_dir=out_dir)
     rows = [(a.method or cfg.train.method, rep)]
     print(results_table(rows), end='')
-    md, _ = write_results(rows, Path(a.out) if a.out else _eval_out(path, rep, best))
+    md, _ = write_table(rows, Path(a.out) if a.out else _eval_out(path, rep, best))
     print(f"results: {md} (+ .csv)")
     return 0
 
@@ -223,6 +199,58 @@ def _cmd_check_data(a) -> int:
         for line in r['bad']: print(f"  {line}")
     return 1 if bad else 0
 
+def _cmd_config(a) -> int:
+    "`tps config NAME [overrides]`: the effective config as YAML; with `--diff`, what preset NAME changes from its base."
+    import yaml
+    if not (a.name and '=' not in a.name) and not a.config: raise C.ConfigError(f"tps config: name a preset ({', '.join(sorted(C.PRESETS))}) or pass --config FILE")
+    if a.diff:
+        if a.config or a.overrides or a.name not in C.PRESETS: raise C.ConfigError("tps config --diff: name a preset, without --config or overrides")
+        base = C.PRESETS[a.name].base
+        print(f"{a.name}: changes from {f'preset {base!r}' if base else 'the defaults'}")
+        for k, (old, new) in C.preset_diff(a.name).items(): print(f"  {k}: {old!r} -> {new!r}")
+        return 0
+    print(yaml.safe_dump(C.config_to_dict(_config(a)), sort_keys=False), end='')
+    return 0
+
+# %% ../nbs/19_cli.ipynb #ec9c30c6
+def _smoke_demo(a, ov: dict):
+    "`TPS_SMOKE=1`: shrink `tps demo` (both paths) to smoke size in place, and say so."
+    smoke = C.get_preset('smoke')
+    sizes = {k: list(v) for k, v in (('data.source_size', smoke.data.source_size), ('data.target_size', smoke.data.target_size),
+                                     ('eval.input_size', smoke.eval.input_size), ('eval.label_size', smoke.eval.label_size))}
+    for k, v in sizes.items(): ov.setdefault(k, v)
+    a.iters, a.warmup_iters = a.iters or 1, 1
+    a.seeds, a.device = a.seeds or [0], 'cpu' if a.device == 'auto' else a.device
+    a.make_data = {**C.SMOKE_SYNTHETIC, 'val_snippets': 2}      # two val frames: qualitative.ipynb shows two rows
+    print(f"tps demo: TPS_SMOKE=1: smoke size ({smoke.data.target_size[0]}x{smoke.data.target_size[1]} frames, "
+          f"seeds {list(a.seeds)}, {a.iters} iteration(s) per method after a 1-iteration warm-up, {a.device})", file=sys.stderr)
+
+def _cmd_demo(a) -> int:
+    "`tps demo`: the main job through papermill (`tps.experiments.run_demo`), or with `--quick` its small path."
+    ov = C.parse_overrides(a.overrides)
+    if os.environ.get('TPS_SMOKE') == '1': _smoke_demo(a, ov)
+    C.validate(C.apply_overrides(C.get_preset('demo'), ov))  # a bad key or value fails here, before any work
+    from tps.experiments import run_demo, DEMO_SEEDS, QUICK_METHODS, demo_data_dir
+    data = a.data or str(demo_data_dir(a.data_seed))
+    make_data = getattr(a, 'make_data', None)
+    if a.quick:                                   # the small path: no notebooks, source-only and TPS unless --methods
+        r = run_demo(out=a.out, data=data, iters=a.iters or 60, seeds=tuple(a.seeds or (0,)), methods=tuple(a.methods or QUICK_METHODS),
+                     device=a.device, overrides=ov, make_data=make_data, quick=True)
+        print(r['table'], end='')
+        return 0
+    try:
+        run_demo(out=a.out, data=data, data_seed=a.data_seed, iters=a.iters, seeds=tuple(a.seeds or DEMO_SEEDS),
+                 methods=tuple(a.methods or METHODS),
+                 device=a.device, overrides=ov, figures=a.figures, results=a.results, make_data=make_data,
+                 warmup_iters=getattr(a, 'warmup_iters', None))  # prints the table and where things are
+    except FileExistsError as e:
+        if 'synthetic benchmark' not in str(e): raise
+        raise FileExistsError(f"{data} holds a synthetic benchmark made with other options than the demo's (e.g. by "
+                              f"`tps make-synthetic`): expected the demo's own or none; pass --data NEW_FOLDER, "
+                              f"or delete {data} so that the demo writes its benchmark there") from None
+    return 0
+
+# %% ../nbs/19_cli.ipynb #9568cbfb
 def main(argv=None) -> int:
     "`tps` console script: train / eval / config / check-data / flow / make-synthetic / demo; one-line errors."
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -241,33 +269,9 @@ def main(argv=None) -> int:
         if a.cmd is None: p.print_help(); return 2
         if a.cmd == 'train': return _cmd_train(a)
         if a.cmd == 'eval': return _cmd_eval(a)
-        if a.cmd == 'config':
-            import yaml
-            if not (a.name and '=' not in a.name) and not a.config: raise C.ConfigError(f"tps config: name a preset ({', '.join(sorted(C.PRESETS))}) or pass --config FILE")
-            print(yaml.safe_dump(C.config_to_dict(_config(a)), sort_keys=False), end=''); return 0
+        if a.cmd == 'config': return _cmd_config(a)
         if a.cmd == 'check-data': return _cmd_check_data(a)
-        if a.cmd == 'demo':
-            ov = C.parse_overrides(a.overrides)
-            if os.environ.get('TPS_SMOKE') == '1': _smoke_demo(a, ov)
-            C.validate(C.apply_overrides(C.get_preset('demo'), ov))  # a bad key or value fails here, before any work
-            from tps.experiments import run_demo, DEMO_SEEDS, demo_data_dir
-            data = a.data or str(demo_data_dir(a.data_seed))
-            make_data = getattr(a, 'make_data', None)
-            if a.quick:
-                print(demo(out=a.out, data=data, iters=a.iters or 60, seeds=tuple(a.seeds or (0,)), device=a.device,
-                           overrides=ov, make_data=make_data), end='')
-                return 0
-            try:
-                run_demo(out=a.out, data=data, data_seed=a.data_seed, iters=a.iters, seeds=tuple(a.seeds or DEMO_SEEDS),
-                         methods=tuple(a.methods or METHODS),
-                         device=a.device, overrides=ov, figures=a.figures, results=a.results, make_data=make_data,
-                         warmup_iters=getattr(a, 'warmup_iters', None))  # prints the table and where things are
-            except FileExistsError as e:
-                if 'synthetic benchmark' not in str(e): raise
-                raise FileExistsError(f"{data} holds a synthetic benchmark made with other options than the demo's (e.g. by "
-                                      f"`tps make-synthetic`): expected the demo's own or none; pass --data NEW_FOLDER, "
-                                      f"or delete {data} so that the demo writes its benchmark there") from None
-            return 0
+        if a.cmd == 'demo': return _cmd_demo(a)
     except (C.ConfigError, KeyError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
         print(f"tps: error: {_message(e)}", file=sys.stderr); return 2
     except KeyboardInterrupt:

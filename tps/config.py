@@ -11,10 +11,11 @@ import yaml
 from .utils import atomic_write
 
 # %% auto #0
-__all__ = ['CLASS_NAMES', 'EVAL_DROP', 'IGNORE', 'FAITHFUL', 'DEMO_DROP', 'TPS_PLUS', 'PRESETS', 'SMOKE_SYNTHETIC',
-           'MAX_INTERVAL', 'RENAMED', 'DataConfig', 'ModelConfig', 'TrainConfig', 'EvalConfig', 'Config', 'get_preset',
-           'ConfigError', 'set_value', 'apply_overrides', 'parse_overrides', 'validate', 'experiment_config',
-           'config_to_dict', 'config_from_dict', 'save_config', 'load_config']
+__all__ = ['CLASS_NAMES', 'EVAL_DROP', 'IGNORE', 'METHODS', 'SYN2CITY', 'VIPER2CITY', 'FAITHFUL', 'DAVSN_PAPER', 'DEMO_DROP',
+           'DEMO', 'SMOKE', 'TPS_PLUS', 'PRESETS', 'SMOKE_SYNTHETIC', 'MAX_INTERVAL', 'RENAMED', 'DataConfig',
+           'ModelConfig', 'TrainConfig', 'EvalConfig', 'Config', 'ConfigError', 'set_value', 'apply_overrides',
+           'parse_overrides', 'Method', 'method_defaults', 'Preset', 'get_preset', 'preset_diff', 'validate',
+           'experiment_config', 'config_to_dict', 'config_from_dict', 'save_config', 'load_config']
 
 # %% ../nbs/01_config.ipynb #e00e582f
 CLASS_NAMES = {
@@ -29,7 +30,7 @@ EVAL_DROP = {'viper': [], 'synthia': ['fence']}
 IGNORE = 255
 "Label value of unlabelled pixels: ignored by every loss and metric, drawn black."
 
-# %% ../nbs/01_config.ipynb #f0b53200
+# %% ../nbs/01_config.ipynb #063b649c
 @dataclass
 class DataConfig:
     "Where the data lives and how it is sampled."
@@ -49,6 +50,7 @@ class DataConfig:
     check: str = 'auto'                        # decode the data before training: 'auto' (every file up to 3000, else 1000 at random), 'all', 'off'
     flow_dtype: str = 'float32'                # flows as loaded: 'float32', or 'float64' (int16 / 10.0, as the reference reads them)
 
+# %% ../nbs/01_config.ipynb #556f62c1
 @dataclass
 class ModelConfig:
     "The two-frame ACCEL DeepLab-v2 network."
@@ -66,10 +68,11 @@ class ModelConfig:
     require_init: bool = False                 # refuse to train when `init` is empty (the paper presets: ImageNet weights)
     legacy_warp: bool = False                  # warp with the reference kernel's rounding (bit-exact comparisons only)
 
+# %% ../nbs/01_config.ipynb #aa0f0760
 @dataclass
 class TrainConfig:
     "Optimisation and the adaptation method."
-    method: str = 'tps'                        # 'tps', 'pixmatch', 'davsn', 'source_only' or 'oracle' (target-supervised upper bound)
+    method: str = 'tps'                        # a name in `METHODS`: 'tps', 'pixmatch', 'davsn', 'source_only' or 'oracle' (target-supervised upper bound)
     iters: int = 40000                         # iterations actually run (the published runs stop early at 40000)
     max_iters: int = 250000                    # length of the poly schedule
     lr: float = 2.5e-4                         # base learning rate (backbone and fusion; heads get 10x)
@@ -116,6 +119,7 @@ class TrainConfig:
     resume: str = ''                           # run folder or checkpoint to resume from
     tensorboard: bool = False                  # also log to TensorBoard
 
+# %% ../nbs/01_config.ipynb #0c811216
 @dataclass
 class EvalConfig:
     "The evaluation protocol (nbs/method.ipynb, evaluation)."
@@ -127,6 +131,7 @@ class EvalConfig:
     holdout: int = 0                           # >0: honest protocol, select on this many target-train frames, report val once
     save_predictions: int = 0                  # colour prediction PNGs written for the first N frames
     batch_size: int = 1                        # frames per forward pass
+
 
 @dataclass
 class Config:
@@ -144,85 +149,6 @@ class Config:
         if len(names) != self.model.num_classes:
             raise ValueError(f"model.num_classes={self.model.num_classes} but the {self.data.source} setting has {len(names)} classes")
         return list(names)
-
-# %% ../nbs/01_config.ipynb #64f5e4a5
-def _paper(name, **kw) -> Config:
-    c = Config(name=name)
-    c.model.arch, c.model.require_init = 'resnet101', True
-    c.train.save_every, c.train.keep_last = 100, 0           # every snapshot kept: the best-snapshot protocol
-    c.train.legacy_lr = c.train.legacy_aug = c.train.legacy_flip = True
-    c.train.backbone_lr_mult = 3.0                            # the reference's effective backbone step, without its bug
-    for k, v in kw.items():
-        sec, key = k.split('__')
-        setattr(getattr(c, sec), key, v)
-    return c
-
-_SYN2CITY = dict(data__source='synthia', data__source_root='data/synthia/SEQS-04-DAWN',
-                 data__source_flow_root='data/synthia_flow', data__source_size=(1280, 640),
-                 model__num_classes=12, train__lr=2.5e-4, train__lambda_t=1.0, eval__drop=['fence'])
-_VIPER2CITY = dict(data__source='viper', data__source_size=(1280, 720), model__num_classes=15, train__lr=1.0e-4,
-                   train__lambda_t=0.1)
-FAITHFUL = {'train.legacy_param_groups': True, 'train.backbone_lr_mult': 1.0, 'train.hist_match': 'float',
-            'model.pass_order': 'cf_kf', 'train.amp': 'fp32', 'model.channels_last': False, 'model.legacy_warp': True,
-            'data.flow_dtype': 'float64', 'train.legacy_ce': True}
-"What the `_faithful` presets change on top of the paper presets: every remaining reference behaviour."
-
-def _syn2city() -> Config: return _paper('syn2city', **_SYN2CITY)
-def _viper2city() -> Config: return _paper('viper2city', **_VIPER2CITY)
-def _syn2city_faithful() -> Config: return apply_overrides(_paper('syn2city_faithful', **_SYN2CITY), FAITHFUL)
-def _viper2city_faithful() -> Config: return apply_overrides(_paper('viper2city_faithful', **_VIPER2CITY), FAITHFUL)
-
-DEMO_DROP = ('fence', 'traffic light', 'traffic sign', 'person', 'motorcycle', 'bicycle')
-"Classes the demo does not score: at 256x128 and output stride 8 they are at most a score pixel wide, or too rare to learn (see the calibration)."
-
-def _demo() -> Config:
-    c = Config(name='demo')
-    d = c.data
-    d.source, d.source_root, d.source_flow_root = 'viper', 'data/synthetic/viper', 'data/synthetic/viper_flow'
-    d.target_root, d.target_flow_root = 'data/synthetic/cityscapes', 'data/synthetic/cityscapes_flow'
-    d.source_size, d.target_size, d.num_workers = (256, 144), (256, 128), 0
-    c.model.arch, c.model.num_classes, c.model.channels_last, c.model.width = 'resnet18', 15, False, 32
-    t = c.train
-    t.iters, t.max_iters, t.lr, t.lambda_t, t.save_every, t.log_every = 300, 300, 5e-3, 1.0, 100, 10
-    t.warmup_iters = 150                                   # from scratch: ramp the lr up, no early loss spike
-    t.davsn_ndf = 16                                       # DA-VSN's discriminators scaled with the half-width network
-    c.eval.input_size, c.eval.label_size = (256, 128), (256, 128)
-    c.eval.drop = list(DEMO_DROP)
-    return c
-
-def _smoke() -> Config:
-    c = _demo()
-    c.name = 'smoke'
-    c.data.source_size = c.data.target_size = c.eval.input_size = c.eval.label_size = (64, 32)
-    t = c.train
-    t.device, t.deterministic, t.iters, t.max_iters, t.save_every, t.log_every, t.keep_last = 'cpu', True, 2, 100, 2, 1, 0
-    return c
-
-TPS_PLUS = {'train.pl_weighting': 'quality'}
-"The improved recipe the `*_plus` presets add to TPS (chosen on held-out frames in `nbs/experiments/ablation.ipynb`)."
-
-def _plus(base):
-    def make() -> Config:
-        c = apply_overrides(PRESETS[base](), TPS_PLUS)
-        c.name = 'tps_plus' if base == 'demo' else f'{base}_plus'
-        return c
-    make.__name__ = make.__qualname__ = '_tps_plus' if base == 'demo' else f'_{base}_plus'
-    return make
-
-PRESETS = {'syn2city': _syn2city, 'viper2city': _viper2city, 'syn2city_faithful': _syn2city_faithful,
-           'viper2city_faithful': _viper2city_faithful, 'demo': _demo, 'smoke': _smoke}
-PRESETS.update(tps_plus=_plus('demo'), syn2city_plus=_plus('syn2city'), viper2city_plus=_plus('viper2city'))
-"Named presets: the two paper benchmarks (correct and fast, or `_faithful` to the reference number for number), the synthetic demo, and `smoke` (the demo at 64x32 for a 2-iteration check)."
-
-SMOKE_SYNTHETIC = dict(size=(64, 32), source_size=(64, 32), snippets=2, val_snippets=1, source_seqs=1, source_frames=30,
-                       workers=1)
-"Arguments of `tps.data.synthetic.make_synthetic` for a benchmark the `smoke` preset runs on in seconds."
-
-def get_preset(name: str) -> Config:
-    "A fresh `Config` for preset `name` (one of `PRESETS`)."
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-    return PRESETS[name]()
 
 # %% ../nbs/01_config.ipynb #3c0692a1
 class ConfigError(ValueError):
@@ -244,19 +170,13 @@ def _coerce(key: str, value, typ):
     if isinstance(value, str) and typ is not str:
         try: value = yaml.safe_load(value)
         except yaml.YAMLError as e: raise ConfigError(f"{key}: cannot parse {value!r}: {e}") from None
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str),
-          tuple: lambda v: isinstance(v, (list, tuple)),
-          list: lambda v: isinstance(v, (list, tuple))}[typ]
+    num, seq = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), lambda v: isinstance(v, (list, tuple))
+    ok = {bool: lambda v: isinstance(v, bool), int: lambda v: num(v) and isinstance(v, int), float: num,
+          str: lambda v: isinstance(v, str), tuple: seq, list: seq}[typ]
     if not ok(value):
         hint = " (a size: [W, H] or WxH, e.g. 256x128)" if key.endswith('_size') else ''
         raise ConfigError(f"{key}: expected {typ.__name__}{hint}, got {type(value).__name__} {value!r}")
-    if typ is float: value = float(value)
-    if typ is tuple: value = tuple(value)
-    if typ is list: value = list(value)
-    return value
+    return {float: float, tuple: tuple, list: list}.get(typ, lambda v: v)(value)
 
 def set_value(cfg: Config, key: str, value) -> Config:
     "Set one `section.key` (or `name`) of `cfg` in place, type-checked."
@@ -278,12 +198,110 @@ def apply_overrides(cfg: Config, overrides: dict | None) -> Config:
 
 def parse_overrides(args: list) -> dict:
     "Turn command-line words `section.key=value` into an overrides dict."
+    bad = [a for a in args if '=' not in a]
+    if bad: raise ConfigError(f"override {bad[0]!r} is not of the form section.key=value")
+    return {k.strip(): v for k, v in (a.split('=', 1) for a in args)}
+
+# %% ../nbs/01_config.ipynb #39b76673
+@dataclass(frozen=True)
+class Method:
+    "A training method: its label, its step function, the modules it adds and the config values it brings."
+    label: str                             # its name in tables and figures
+    step: object                           # 'module:function' of its step `(ctx, src, tgt) -> loss terms`, or the function
+    extras: object = None                  # 'module:function' (or function) `(cfg, device) -> {name: module or optimiser}`
+    defaults: dict = field(default_factory=dict)   # config values set wherever `train.method` is set to it by an override
+
+METHODS = {'source_only': Method('Source-only', 'tps.steps:step_source_only'),
+           'davsn': Method('DA-VSN', 'tps.davsn:step_davsn', 'tps.davsn:davsn_extras', {'model.fusion': 'splat'}),
+           'pixmatch': Method('PixMatch', 'tps.steps:step_pixmatch', 'tps.train:ema_teacher_extras'),
+           'tps': Method('TPS', 'tps.steps:step_tps', 'tps.train:ema_teacher_extras'),
+           'oracle': Method('Oracle (target labels)', 'tps.steps:step_oracle')}
+"The methods `train.method` names, in the results table's row order (the paper's, then the upper bound)."
+
+def method_defaults(cfg: Config, explicit=()) -> Config:
+    "Set the values `cfg.train.method` brings (`METHODS[...].defaults`) in place, except the keys in `explicit`."
+    m = METHODS.get(cfg.train.method)
+    for k, v in (m.defaults if m else {}).items():
+        if k not in explicit: set_value(cfg, k, v)
+    return cfg
+
+# %% ../nbs/01_config.ipynb #f7925670
+_PAPER = {'model.arch': 'resnet101', 'model.require_init': True,
+          'train.save_every': 100, 'train.keep_last': 0,            # every snapshot kept: the best-snapshot protocol
+          'train.legacy_lr': True, 'train.legacy_aug': True, 'train.legacy_flip': True,
+          'train.backbone_lr_mult': 3.0}                             # the reference's effective backbone step, without its bug
+SYN2CITY = {**_PAPER, 'data.source': 'synthia', 'data.source_root': 'data/synthia/SEQS-04-DAWN',
+            'data.source_flow_root': 'data/synthia_flow', 'data.source_size': (1280, 640), 'model.num_classes': 12,
+            'train.lr': 2.5e-4, 'train.lambda_t': 1.0, 'eval.drop': ['fence']}
+"What `syn2city` changes from the defaults: the published SYNTHIA-Seq -> Cityscapes-Seq config."
+VIPER2CITY = {**_PAPER, 'data.source': 'viper', 'data.source_size': (1280, 720), 'model.num_classes': 15,
+              'train.lr': 1.0e-4, 'train.lambda_t': 0.1}
+"What `viper2city` changes from the defaults: the published VIPER -> Cityscapes-Seq config."
+FAITHFUL = {'train.legacy_param_groups': True, 'train.backbone_lr_mult': 1.0, 'train.hist_match': 'float',
+            'model.pass_order': 'cf_kf', 'train.amp': 'fp32', 'model.channels_last': False, 'model.legacy_warp': True,
+            'data.flow_dtype': 'float64', 'train.legacy_ce': True}
+"What the `_faithful` presets change on top of the paper presets: every remaining reference behaviour."
+DAVSN_PAPER = {'train.method': 'davsn', 'train.lr': 2.5e-4, 'train.iters': 120000, 'train.save_every': 1000,
+               'model.fusion': 'splat', 'model.splat': 'last', 'train.legacy_aug': False, 'train.legacy_flip': False}
+"What the `_davsn` presets change on top of the paper presets: the published DA-VSN runs (`tps.davsn`)."
+
+# %% ../nbs/01_config.ipynb #4b19e725
+DEMO_DROP = ('fence', 'traffic light', 'traffic sign', 'person', 'motorcycle', 'bicycle')
+"Classes the demo does not score: at 256x128 and output stride 8 they are at most a score pixel wide, or too rare to learn (see the calibration)."
+DEMO = {'data.source': 'viper', 'data.source_root': 'data/synthetic/viper', 'data.source_flow_root': 'data/synthetic/viper_flow',
+        'data.target_root': 'data/synthetic/cityscapes', 'data.target_flow_root': 'data/synthetic/cityscapes_flow',
+        'data.source_size': (256, 144), 'data.target_size': (256, 128), 'data.num_workers': 0,
+        'model.arch': 'resnet18', 'model.num_classes': 15, 'model.channels_last': False, 'model.width': 32,
+        'train.iters': 300, 'train.max_iters': 300, 'train.lr': 5e-3, 'train.lambda_t': 1.0, 'train.save_every': 100,
+        'train.log_every': 10, 'train.warmup_iters': 150,     # from scratch: ramp the lr up, no early loss spike
+        'train.davsn_ndf': 16,                                # DA-VSN's discriminators scaled with the half-width network
+        'eval.input_size': (256, 128), 'eval.label_size': (256, 128), 'eval.drop': list(DEMO_DROP)}
+"What `demo` changes from the defaults: the built-in synthetic benchmark, sized for a CPU."
+SMOKE = {'data.source_size': (64, 32), 'data.target_size': (64, 32), 'eval.input_size': (64, 32), 'eval.label_size': (64, 32),
+         'train.device': 'cpu', 'train.deterministic': True, 'train.iters': 2, 'train.max_iters': 100,
+         'train.save_every': 2, 'train.log_every': 1, 'train.keep_last': 0}
+"What `smoke` changes from `demo`: 64x32 frames, two deterministic CPU iterations."
+TPS_PLUS = {'train.pl_weighting': 'quality'}
+"The improved recipe the `*_plus` presets add to TPS (chosen on held-out frames in `nbs/experiments/ablation.ipynb`)."
+
+# %% ../nbs/01_config.ipynb #99bfeb91
+class Preset(typing.NamedTuple):
+    "A named config: the preset it starts from ('' for the dataclass defaults) and what it changes, as `{'section.key': value}`."
+    base: str
+    changes: dict
+
+PRESETS = {'syn2city': Preset('', SYN2CITY), 'viper2city': Preset('', VIPER2CITY),
+           'syn2city_faithful': Preset('syn2city', FAITHFUL), 'viper2city_faithful': Preset('viper2city', FAITHFUL),
+           'syn2city_davsn': Preset('syn2city', DAVSN_PAPER), 'viper2city_davsn': Preset('viper2city', DAVSN_PAPER),
+           'demo': Preset('', DEMO), 'smoke': Preset('demo', SMOKE), 'tps_plus': Preset('demo', TPS_PLUS),
+           'syn2city_plus': Preset('syn2city', TPS_PLUS), 'viper2city_plus': Preset('viper2city', TPS_PLUS)}
+"Named presets: the two paper benchmarks (correct and fast, `_faithful` to the reference number for number, DA-VSN's published runs), the synthetic demo, `smoke` (the demo at 64x32 for a 2-iteration check), and the improved recipe's `*_plus`."
+
+SMOKE_SYNTHETIC = dict(size=(64, 32), source_size=(64, 32), snippets=2, val_snippets=1, source_seqs=1, source_frames=30,
+                       workers=1)
+"Arguments of `tps.data.synthetic.make_synthetic` for a benchmark the `smoke` preset runs on in seconds."
+
+def get_preset(name: str) -> Config:
+    "A fresh `Config` for preset `name` (one of `PRESETS`): its base preset with its changes applied."
+    if name not in PRESETS: raise KeyError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    p = PRESETS[name]
+    cfg = apply_overrides(get_preset(p.base) if p.base else Config(), p.changes)
+    cfg.name = name
+    return cfg
+
+def _flat(d: dict, pre: str = '') -> dict:
+    "A nested dict as `{'section.key': value}`."
     out = {}
-    for a in args:
-        if '=' not in a: raise ConfigError(f"override {a!r} is not of the form section.key=value")
-        k, v = a.split('=', 1)
-        out[k.strip()] = v
+    for k, v in d.items():
+        if isinstance(v, dict): out.update(_flat(v, f'{pre}{k}.'))
+        else: out[f'{pre}{k}'] = v
     return out
+
+def preset_diff(name: str) -> dict:
+    "`{key: (base value, preset value)}` for every key preset `name` changes from its base (what `tps config NAME --diff` prints)."
+    cfg = get_preset(name)                                           # KeyError naming the presets for an unknown name
+    a, b = _flat(config_to_dict(get_preset(PRESETS[name].base) if PRESETS[name].base else Config())), _flat(config_to_dict(cfg))
+    return {k: (a[k], b[k]) for k in a if k != 'name' and a[k] != b[k]}
 
 # %% ../nbs/01_config.ipynb #8e26b888
 _CHOICES = {'data.source': ('viper', 'synthia'), 'data.flow_dtype': ('float32', 'float64'),
@@ -291,7 +309,7 @@ _CHOICES = {'data.source': ('viper', 'synthia'), 'data.flow_dtype': ('float32', 
             'model.arch': ('resnet101', 'resnet50', 'resnet18'), 'model.bn': ('legacy', 'frozen'),
             'model.flow_scale': ('legacy', 'per_axis'), 'model.pass_order': ('cf_kf', 'kf_cf'),
             'model.fusion': ('warp', 'splat'), 'model.splat': ('mean', 'last'),
-            'train.method': ('tps', 'pixmatch', 'davsn', 'source_only', 'oracle'), 'train.amp': ('bf16', 'fp32'),
+            'train.amp': ('bf16', 'fp32'),
             'train.hist_match': ('uint8', 'float'), 'eval.split': ('val', 'train', 'holdout', 'source'),
             'eval.mode': ('single', 'best'), 'train.teacher': ('self', 'ema'), 'train.pl_weighting': ('none', 'quality')}
 _AT_LEAST = {'model.width': 8, 'data.interval': 1, 'data.batch_size': 1, 'data.num_workers': 0, 'model.num_classes': 1, 'train.iters': 1,
@@ -312,17 +330,14 @@ def _get(cfg, key):
 def validate(cfg: Config) -> Config:
     "Check every value of `cfg` (ranges, choices, class names, sizes); a `ConfigError` names the key, the value and what was expected."
     bad = lambda k, v, want: ConfigError(f"{k}={v!r}: expected {want}")
-    for k, choices in _CHOICES.items():
+    for k, choices in {**_CHOICES, 'train.method': tuple(METHODS)}.items():
         if _get(cfg, k) not in choices: raise bad(k, _get(cfg, k), f"one of {list(choices)}")
-    for k, lo in _AT_LEAST.items():
-        v = _get(cfg, k)
-        if not isinstance(v, (int, float)) or v < lo: raise bad(k, v, f"a number >= {lo}")
-    for k in _POSITIVE:
-        v = _get(cfg, k)
-        if not (v > 0 and math.isfinite(v)): raise bad(k, v, "a positive number")
-    for k in _PROBABILITY:
-        v = _get(cfg, k)
-        if not (0 <= v <= 1): raise bad(k, v, "a number in [0, 1]")
+    rules = [(_AT_LEAST, lambda v, lo: isinstance(v, (int, float)) and v >= lo, "a number >= {}"),
+             (dict.fromkeys(_POSITIVE), lambda v, _: v > 0 and math.isfinite(v), "a positive number"),
+             (dict.fromkeys(_PROBABILITY), lambda v, _: 0 <= v <= 1, "a number in [0, 1]")]
+    for keys, ok, want in rules:
+        for k, lo in keys.items():
+            if not ok(_get(cfg, k), lo): raise bad(k, _get(cfg, k), want.format(lo))
     if cfg.train.momentum >= 1: raise bad('train.momentum', cfg.train.momentum, "a number in [0, 1)")
     for k in ('data.source_size', 'data.target_size', 'eval.input_size', 'eval.label_size'):
         v = _get(cfg, k)
@@ -349,7 +364,7 @@ _ROOT_KEYS = ('source_root', 'source_flow_root', 'target_root', 'target_flow_roo
 
 def experiment_config(preset: str = 'demo', data_root: str | os.PathLike | None = None, overrides: dict | None = None,
                       device: str | None = None, precision: str | None = None) -> Config:
-    "The `Config` of `preset` with its data folders moved under `data_root`, the device, the precision and `overrides`."
+    "The `Config` of `preset` with its data folders moved under `data_root`, the device, the precision and `overrides` (a `train.method` with its `defaults`)."
     cfg = get_preset(preset)   # KeyError naming the presets for an unknown name
     if data_root:
         d = cfg.data
@@ -362,7 +377,9 @@ def experiment_config(preset: str = 'demo', data_root: str | os.PathLike | None 
     if precision is not None:
         if precision not in ('bf16', 'fp32'): raise ConfigError(f"precision={precision!r}: expected 'bf16' or 'fp32'")
         cfg.train.amp = precision
-    return validate(apply_overrides(cfg, overrides))
+    apply_overrides(cfg, overrides)
+    if 'train.method' in (overrides or {}): method_defaults(cfg, explicit=overrides)   # the method's own model
+    return validate(cfg)
 
 # %% ../nbs/01_config.ipynb #43c0b21f
 def config_to_dict(cfg: Config) -> dict:
@@ -373,14 +390,12 @@ def config_to_dict(cfg: Config) -> dict:
         return v
     return plain(asdict(cfg))
 
-def _skip_if_true(v): return 'skip' if v else 'error'
-RENAMED = {'data.skip_missing': ('data.on_bad_file', _skip_if_true)}
+RENAMED = {'data.skip_missing': ('data.on_bad_file', lambda v: 'skip' if v else 'error')}
 "Keys of earlier versions of the kit, read from saved configs as their successors."
 
 def config_from_dict(d: dict, base: Config | None = None) -> Config:
     "A `Config` from a nested dict (missing keys keep `base`'s values), type-checked; keys of earlier versions are translated."
-    cfg = base if base is not None else Config()
-    flat = {}
+    cfg, flat = (base if base is not None else Config()), {}
     for k, v in (d or {}).items():
         if k == 'name': flat[k] = v
         elif k in _SECTIONS:
@@ -393,9 +408,7 @@ def config_from_dict(d: dict, base: Config | None = None) -> Config:
 
 def save_config(cfg: Config, path) -> Path:
     "Write `cfg` to a YAML file (atomically)."
-    path = Path(path)
-    atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    return path
+    return atomic_write(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 def load_config(path) -> Config:
     "Read a YAML config written by `save_config` (or by hand)."

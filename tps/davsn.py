@@ -13,10 +13,11 @@ from .model import unwrap
 from .warp import forward_splat
 from .losses import seg_loss
 from .steps import StepContext, reference_flows, _terms
+from .train import poly_lr
 
 # %% auto #0
-__all__ = ['DISCRIMINATORS', 'DAVSN_PAPER', 'fc_discriminator', 'davsn_extras', 'entropy_map', 'itcr_loss', 'adversarial_input',
-           'bce', 'weight_discrepancy', 'step_davsn']
+__all__ = ['DISCRIMINATORS', 'fc_discriminator', 'davsn_extras', 'entropy_map', 'itcr_loss', 'adversarial_input', 'bce',
+           'weight_discrepancy', 'step_davsn']
 
 # %% ../nbs/13_davsn.ipynb #6097e32e
 DISCRIMINATORS = ('d_sta_aux', 'd_sta_main', 'd_sa_aux', 'd_sa_main')
@@ -72,11 +73,7 @@ def weight_discrepancy(d1: nn.Module, d2: nn.Module) -> torch.Tensor:
     terms = [(a.flatten() @ b.flatten()) / (a.norm() * b.norm()) + 1 for a, b in zip(d1.parameters(), d2.parameters())]
     return torch.stack(terms).mean()
 
-# %% ../nbs/13_davsn.ipynb #8b967ac8
-DAVSN_PAPER = {'train.method': 'davsn', 'train.lr': 2.5e-4, 'train.iters': 120000, 'train.save_every': 1000,
-               'model.fusion': 'splat', 'model.splat': 'last', 'train.legacy_aug': False, 'train.legacy_flip': False}
-"Overrides that turn `syn2city` / `viper2city` into the published DA-VSN runs."
-
+# %% ../nbs/13_davsn.ipynb #192d7297
 def _set_requires_grad(modules, flag: bool):
     for m in modules:
         for p in m.parameters(): p.requires_grad_(flag)
@@ -87,6 +84,7 @@ def _sync_grads(module, world: int):
     for p in module.parameters():
         if p.grad is not None: dist.all_reduce(p.grad); p.grad /= world
 
+# %% ../nbs/13_davsn.ipynb #44282a8d
 def step_davsn(ctx: StepContext, src: dict, tgt: dict) -> dict:
     "One DA-VSN iteration: source CE; ITCR + generator losses; the discriminators' halves and weight discrepancy; clipping; Adam steps."
     t, E = ctx.cfg.train, ctx.extras
@@ -132,7 +130,7 @@ def step_davsn(ctx: StepContext, src: dict, tgt: dict) -> dict:
     for D in Ds: _sync_grads(D, world)
     net_norm = torch.nn.utils.clip_grad_norm_([p for p in ctx.net.parameters() if p.grad is not None], t.davsn_clip)
     for D in Ds: torch.nn.utils.clip_grad_norm_(D.parameters(), t.davsn_clip)
-    lr_d = t.davsn_lr_d * max(0.0, 1 - ctx.it / t.max_iters) ** t.power
+    lr_d = poly_lr(t.davsn_lr_d, ctx.it, t.max_iters, t.power)                      # the network's schedule
     for n in ('d_sta_aux', 'd_sa_aux', 'd_sta_main', 'd_sa_main'):
         opt = E[f'opt_{n}']
         for g in opt.param_groups: g['lr'] = lr_d

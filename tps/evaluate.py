@@ -20,7 +20,7 @@ from .runs import list_checkpoints, load_model, checkpoint_iter
 from .viz import colorize
 
 # %% auto #0
-__all__ = ['train_to_label_ids', 'predict', 'holdout_indices', 'evaluate', 'results_table', 'write_results', 'evaluate_run',
+__all__ = ['train_to_label_ids', 'predict', 'holdout_indices', 'evaluate', 'results_table', 'write_table', 'evaluate_run',
            'checkpoint_evaluator']
 
 # %% ../nbs/15_evaluate.ipynb #bec3542d
@@ -141,7 +141,7 @@ def results_table(rows, fmt: str = 'markdown', digits: int = 1) -> str:
     lines += ['| ' + ' | '.join(b) + ' |' for b in body]
     return '\n'.join(lines) + '\n'
 
-def write_results(rows, path) -> tuple:
+def write_table(rows, path) -> tuple:
     "Write the table as `path.md` and `path.csv` (atomically); returns both paths."
     path = Path(path)
     md, cs = path.with_suffix('.md'), path.with_suffix('.csv')

@@ -12,7 +12,8 @@ from .utils import atomic_write
 from .config import Config
 from .evaluate import predict
 from .teacher import pseudo_labels
-from .results import METHODS, METHOD_NAMES, METHOD_COLORS, read_metrics, loss_terms
+from .config import METHODS
+from .results import METHOD_NAMES, METHOD_COLORS, read_metrics, loss_terms
 
 # %% auto #0
 __all__ = ['curves_frame', 'plot_curves', 'plot_per_class', 'plot_calibration', 'pl_frame', 'plot_pl_accuracy', 'plot_gap_sweep',

@@ -8,19 +8,16 @@ import json, math, shutil
 from pathlib import Path
 import numpy as np
 from .utils import atomic_write
-from .config import Config, config_to_dict
+from .config import Config, METHODS, config_to_dict  # METHODS: re-exported, the rows of the table
 
 # %% auto #0
-__all__ = ['METHODS', 'METHOD_NAMES', 'METHOD_COLORS', 'CALIBRATION_TARGETS', 'read_metrics', 'loss_terms', 'mean_std',
-           'summarize', 'format_table', 'parse_table_miou', 'jsonable', 'write_results', 'paired_differences',
-           'format_differences', 'pl_accuracy_summary', 'calibration_check']
+__all__ = ['METHOD_NAMES', 'METHOD_COLORS', 'CALIBRATION_TARGETS', 'read_metrics', 'loss_terms', 'mean_std', 'summarize',
+           'format_table', 'parse_table_miou', 'jsonable', 'write_results', 'paired_differences', 'format_differences',
+           'pl_accuracy_summary', 'calibration_check']
 
 # %% ../nbs/17_results.ipynb #96ef10e7
-METHODS = ('source_only', 'davsn', 'pixmatch', 'tps', 'oracle')
-"The methods of the results table, in row order (the paper's, then the upper bound)."
-METHOD_NAMES = {'source_only': 'Source-only', 'davsn': 'DA-VSN', 'pixmatch': 'PixMatch', 'tps': 'TPS',
-                'oracle': 'Oracle (target labels)', 'warmup': 'Source-only warm-up'}
-"Display names of the methods (and of the shared warm-up run)."
+METHOD_NAMES = {**{k: m.label for k, m in METHODS.items()}, 'warmup': 'Source-only warm-up'}
+"Display names of the methods of `tps.config.METHODS` (and of the shared warm-up run)."
 METHOD_COLORS = {'warmup': '#8c8c8c', 'source_only': '#1f77b4', 'davsn': '#ff7f0e', 'pixmatch': '#2ca02c', 'tps': '#d62728',
                  'oracle': '#9467bd'}
 "One colour per method in every plot."

@@ -4,18 +4,18 @@
 
 # %% ../nbs/11_runs.ipynb #8d29ad3a
 from __future__ import annotations
-import copy, datetime, json, os, platform, re, subprocess, sys
+import copy, datetime, json, os, platform, re, shutil, subprocess, sys
 from pathlib import Path
 import torch
 from .utils import atomic_write, kit_root, resolve_device
-from .config import Config, config_from_dict, config_to_dict, load_config, save_config
+from .config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
 from .model import TPSNet, CheckpointError, build_model, load_checkpoint, infer_model_kwargs, read_state_dict
 
 # %% auto #0
 __all__ = ['PATH_KEYS', 'FREE_KEYS', 'git_info', 'env_info', 'absolute_paths', 'make_run_dir', 'checkpoint_path',
            'checkpoint_iter', 'list_checkpoints', 'resolve_checkpoint', 'save_checkpoint', 'load_training_checkpoint',
            'prune_checkpoints', 'config_changes', 'claim_run_dir', 'truncate_jsonl', 'record_resume', 'resume_command',
-           'run_config', 'load_model']
+           'check_new_run_dir', 'RunFolder', 'run_config', 'load_model']
 
 # %% ../nbs/11_runs.ipynb #67f946f6
 def git_info(path=None) -> dict:
@@ -127,7 +127,7 @@ def prune_checkpoints(run_dir, keep_last: int, protect=()) -> list:
     for p in gone: p.unlink(missing_ok=True)
     return gone
 
-# %% ../nbs/11_runs.ipynb #dcf5ddc2
+# %% ../nbs/11_runs.ipynb #ac1e833b
 FREE_KEYS = ('train.resume', 'train.log_every', 'train.tensorboard', 'data.num_workers', 'train.out_root', 'train.device')
 "Keys a resumed run may change without `force`: they do not change what is trained."
 
@@ -143,6 +143,7 @@ def config_changes(old: Config, new: Config, ignore=FREE_KEYS) -> dict:
     a, b = _flatten(config_to_dict(absolute_paths(old))), _flatten(config_to_dict(absolute_paths(new)))
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignore and k != 'name' and a.get(k) != b.get(k)}
 
+# %% ../nbs/11_runs.ipynb #a9c6fa10
 _RUN_OUTPUTS = ('checkpoints', 'metrics.jsonl', 'done.json', 'eval.jsonl')
 
 def claim_run_dir(cfg: Config, run_dir) -> Path:
@@ -188,6 +189,59 @@ def record_resume(run_dir, from_iter: int, changed: dict | None = None) -> dict:
 def resume_command(run_dir) -> str:
     "The command that continues the run in `run_dir`."
     return f"tps train --resume {Path(run_dir).resolve()}"
+
+# %% ../nbs/11_runs.ipynb #a72b7045
+def check_new_run_dir(run_dir):
+    "Refuse a `run_dir` for a new run that is a file or already holds a run (the message names the command that resumes it)."
+    rd = Path(run_dir)
+    if rd.exists() and not rd.is_dir(): raise ConfigError(f"run folder {rd}: expected a new or empty folder, found a file")
+    held = [n for n in _RUN_OUTPUTS if (rd/n).exists()]
+    if held: raise FileExistsError(f"run folder {rd} already holds a run ({', '.join(held)}): resume it with "
+                                   f"`{resume_command(rd)}`, or choose a new folder")
+
+def _new_dirs(path: Path) -> list:
+    "`path` and those of its parents that do not exist yet (nearest first): what making `path` creates."
+    out, p = [], Path(path).absolute()
+    while not p.exists() and p != p.parent: out.append(p); p = p.parent
+    return out
+
+class RunFolder:
+    "The run folder of one start of `train`: created (or claimed) or resumed, and removed again if the start fails."
+    def __init__(self, cfg: Config, path=None):
+        self.cfg, self.path, self.made, self.created, self.keep_folder = cfg, path, None, [], False
+
+    def create(self) -> Path:
+        "A fresh `out_root/<name>/<timestamp>/`, or the folder given claimed (`claim_run_dir`); remembers what it made."
+        cfg, rd = self.cfg, self.path
+        fresh = rd is None or not Path(rd).exists() or not any(Path(rd).iterdir())
+        self.created = _new_dirs(Path(cfg.train.out_root)/cfg.name if rd is None else Path(rd).parent)
+        self.keep_folder = rd is not None and Path(rd).is_dir() and fresh    # an empty folder the user made stays
+        self.path = make_run_dir(cfg) if rd is None else claim_run_dir(cfg, rd)
+        if fresh or not any((self.path/n).exists() for n in ('metrics.jsonl', 'checkpoints')): self.made = self.path
+        return self.path
+
+    def resume(self, ck: dict, changed: dict) -> Path:
+        "Cut the logs back to checkpoint `ck`, delete writes a kill cut short, record the resume (and the `changed` config)."
+        d, n = Path(self.path), int(ck['iter'])
+        truncate_jsonl(d/'metrics.jsonl', n); truncate_jsonl(d/'eval.jsonl', n)
+        for tmp in (d/'checkpoints').glob('.iter_*.pth.*.tmp'): tmp.unlink(missing_ok=True)
+        record_resume(d, n, changed)
+        if changed: save_config(absolute_paths(self.cfg), d/'config.yaml')
+        return d
+
+    def keep(self):
+        "The start is done: from now on the folder stays, whatever happens."
+        self.made = None
+
+    def remove_failed_start(self):
+        "Delete what `create` made: the folder (only its contents if the user made it, empty) and the parents it created, if empty."
+        if self.made is None: return
+        if self.keep_folder:
+            for p in Path(self.made).iterdir(): shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        else: shutil.rmtree(self.made, ignore_errors=True)
+        for p in self.created:
+            try: p.rmdir()
+            except OSError: break                                          # not empty (another run) or gone
 
 # %% ../nbs/11_runs.ipynb #6806e046
 def run_config(path) -> Config:

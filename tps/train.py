@@ -4,27 +4,27 @@
 
 # %% ../nbs/14_train.ipynb #70bee29c
 from __future__ import annotations
-import dataclasses, json, os, resource, shutil, signal, sys, threading, time, warnings
+import dataclasses, importlib, json, os, resource, signal, sys, threading, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from .utils import atomic_write, resolve_device
-from .config import Config, ConfigError, config_to_dict, config_from_dict, load_config, save_config, validate
+from .config import Config, ConfigError, METHODS, Method, config_to_dict, config_from_dict, load_config, validate
 from .model import build_model, param_groups, unwrap, CheckpointError
 from .data.core import to_device
 from .metrics import pseudo_label_scores
 from .data.build import build_source, build_target, check_datasets
-from .runs import (make_run_dir, checkpoint_path, list_checkpoints, save_checkpoint, load_training_checkpoint, absolute_paths,
-                      prune_checkpoints, claim_run_dir, config_changes, truncate_jsonl, record_resume, resume_command)
-from .steps import STEPS, StepContext, step_source_only, step_tps, step_pixmatch, step_oracle  # re-exported
-from .davsn import step_davsn, davsn_extras
+from .runs import (RunFolder, check_new_run_dir, checkpoint_path, list_checkpoints, save_checkpoint,
+                      load_training_checkpoint, prune_checkpoints, config_changes, resume_command)
+from .steps import StepContext
+from .teacher import make_ema_teacher
 from .distributed import InfiniteLoader, seed_everything, rng_state, set_rng_state, setup_distributed
 
 # %% auto #0
-__all__ = ['METHODS', 'poly_lr', 'set_lr', 'build_optimizer', 'load_optimizer_state', 'compile_model', 'NonFiniteLossError',
-           'make_extras', 'load_extras', 'check_init', 'TrainingInterrupted', 'train']
+__all__ = ['poly_lr', 'set_lr', 'build_optimizer', 'load_optimizer_state', 'compile_model', 'NonFiniteLossError', 'method_step',
+           'ema_teacher_extras', 'make_extras', 'load_extras', 'check_init', 'TrainingInterrupted', 'train']
 
 # %% ../nbs/14_train.ipynb #bfaeb27c
 def poly_lr(base_lr: float, it: int, max_iters: int, power: float = 0.9) -> float:
@@ -85,16 +85,25 @@ def _append_jsonl(path: Path, rec: dict):
     with open(path, 'a') as f: f.write(json.dumps(rec) + '\n')
 
 # %% ../nbs/14_train.ipynb #b77bc3ea
-METHODS = {**STEPS, 'davsn': step_davsn}
-"The step function of each `train.method`."
+def _resolve(ref):
+    "A function from its `'module:function'` name (or the function itself)."
+    if callable(ref): return ref
+    mod, _, name = ref.partition(':')
+    return getattr(importlib.import_module(mod), name)
+
+def method_step(name: str):
+    "The step function `(ctx, src, tgt) -> loss terms` of `train.method` `name` (`tps.config.METHODS`)."
+    if name not in METHODS: raise ConfigError(f"train.method={name!r}: expected one of {list(METHODS)}")
+    return _resolve(METHODS[name].step)
+
+def ema_teacher_extras(cfg: Config, device) -> dict:
+    "What TPS and PixMatch add: the mean teacher with `train.teacher='ema'` (`tps.teacher.make_ema_teacher`), else nothing."
+    return {'ema_teacher': make_ema_teacher(cfg.model, device)} if cfg.train.teacher == 'ema' else {}
 
 def make_extras(cfg: Config, device) -> dict:
     "The modules and optimisers `cfg.train.method` adds to the network (DA-VSN's discriminators, an EMA teacher), on `device`."
-    extras = davsn_extras(cfg, device) if cfg.train.method == 'davsn' else {}
-    if getattr(cfg.train, 'teacher', 'self') == 'ema' and cfg.train.method in ('tps', 'pixmatch'):
-        from tps.teacher import make_ema_teacher
-        extras['ema_teacher'] = make_ema_teacher(cfg.model, device)
-    return extras
+    m = METHODS[cfg.train.method]
+    return _resolve(m.extras)(cfg, device) if m.extras else {}
 
 def load_extras(extras: dict, states: dict, path='checkpoint'):
     "Load the saved states of a method's modules and optimisers; a `CheckpointError` names what is missing."
@@ -116,7 +125,7 @@ def check_init(cfg: Config):
                           f"ResNet or a TPS checkpoint; weights are never downloaded), found "
                           f"{'a folder' if Path(m.init).exists() else 'nothing'} at {Path(m.init).resolve()}")
 
-# %% ../nbs/14_train.ipynb #348016ad
+# %% ../nbs/14_train.ipynb #a0a47f88
 def _build_data(cfg: Config, info: dict, method: str) -> dict:
     "The infinite loaders the method needs: 'tgt' always (the source step matches histograms to d), 'src' unless oracle."
     d, t = cfg.data, cfg.train
@@ -146,11 +155,80 @@ def _pl_record(stats: dict, cfg: Config, info) -> dict:
     return {'pl_acc': clean(s['accuracy']), 'pl_coverage': clean(s['coverage']), 'pl_miou': None if s['miou'] != s['miou'] else s['miou'],
             'pl_iou': {c: clean(v) for c, v in zip(classes, s['iou'])}}
 
+# %% ../nbs/14_train.ipynb #ac0e2841
 def _log_window(acc, count, names, info):
     vals = acc / max(count, 1)
     if info['world_size'] > 1: dist.all_reduce(vals); vals = vals / info['world_size']
     return dict(zip(names, vals.tolist()))
 
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(str(run_dir/'tb'))
+    except ImportError: warnings.warn("train.tensorboard=True but tensorboard is not installed; logging to metrics.jsonl only")
+
+class _LogWindow:
+    "Loss terms averaged over a log window on the device, counts summed, the first non-finite iteration per term."
+    BIG = 2**62
+    def __init__(self, cfg: Config, info: dict, run_dir: Path, start: int, state: dict | None = None):
+        self.cfg, self.info, self.run_dir, self.dev = cfg, info, run_dir, info['device']
+        self.names, self.acc, self.count, self.stats, self.first_bad = None, None, 0, {}, None
+        if state:
+            self.names, self.count = state['names'], state['count']
+            self.acc, self.first_bad = state['acc'].to(self.dev), state['first_bad'].to(self.dev)
+            self.stats = {k: v.to(self.dev) for k, v in state['stats'].items()}
+        self.tb = _tensorboard(run_dir) if info['rank'] == 0 and cfg.train.tensorboard else None
+        self.t_last, self.it_last = time.perf_counter(), start
+
+    def add(self, it: int, terms: dict):
+        "Add iteration `it`'s loss terms (scalars: averaged) and counts (tensors: summed), on the device."
+        if self.names is None:
+            self.names = [k for k, v in terms.items() if v.ndim == 0]
+            self.acc = torch.zeros(len(self.names), device=self.dev)
+            self.first_bad = torch.full((len(self.names),), self.BIG, dtype=torch.long, device=self.dev)
+        for k, v in terms.items():
+            if v.ndim: self.stats[k] = self.stats[k] + v if k in self.stats else v.clone()
+        vals = torch.stack([terms[k] for k in self.names])
+        bad = ~torch.isfinite(vals)
+        self.first_bad = torch.where(bad & (self.first_bad == self.BIG), torch.full_like(self.first_bad, it), self.first_bad)
+        self.acc += torch.nan_to_num(vals, nan=0.0, posinf=0.0, neginf=0.0)
+        self.count += 1
+
+    def check_finite(self):
+        "Raise `NonFiniteLossError` if a loss term was NaN or infinite (on any process) since the run started."
+        if self.first_bad is None: return
+        fb = self.first_bad.clone()
+        if self.info['world_size'] > 1: dist.all_reduce(fb, op=dist.ReduceOp.MIN)
+        if (fb < self.BIG).any():
+            j = int(fb.argmin()); last = list_checkpoints(self.run_dir)
+            raise NonFiniteLossError(f"non-finite loss term {self.names[j]!r} at iteration {int(fb[j])} "
+                                     f"(0-based) of run {self.run_dir}; last good checkpoint: {last[-1] if last else 'none'}")
+
+    def state(self) -> dict:
+        "The open window, for a checkpoint."
+        return {'names': self.names, 'count': self.count, 'acc': self.acc.cpu(), 'first_bad': self.first_bad.cpu(),
+                'stats': {k: v.cpu() for k, v in self.stats.items()}}
+
+# %% ../nbs/14_train.ipynb #122eac5d
+def _write_log(self: _LogWindow, n: int, opt, lrs: list, loaders: dict, bar):
+    "Close log window `self` after `n` iterations: one line of `metrics.jsonl` (rank 0), TensorBoard, the progress bar."
+    self.check_finite()
+    now = time.perf_counter(); dt = (now - self.t_last) / max(n - self.it_last, 1)
+    rec = {'iter': n, **_log_window(self.acc, self.count, self.names, self.info), **_pl_record(self.stats, self.cfg, self.info),
+           'lr': {g.get('name', str(i)): lr for i, (g, lr) in enumerate(zip(opt.param_groups, lrs))},
+           's_per_iter': dt, 'samples_per_s': self.cfg.data.batch_size * self.info['world_size'] / dt if dt > 0 else None,
+           'peak_mem_mb': _peak_memory_mb(self.dev), 'epoch': {k: l.epoch for k, l in loaders.items()}}
+    if self.info['rank'] == 0:
+        _append_jsonl(self.run_dir/'metrics.jsonl', rec)
+        bar.set_postfix({k: f'{rec[k]:.3f}' for k in self.names if '_' not in k} | {'s/it': f'{dt:.2f}'})
+        if self.tb is not None:
+            for k in self.names: self.tb.add_scalar(f'loss/{k}', rec[k], n)
+            for k, v in rec['lr'].items(): self.tb.add_scalar(f'lr/{k}', v, n)
+            self.tb.add_scalar('perf/s_per_iter', dt, n)
+    self.acc.zero_(); self.count = 0; self.stats = {}
+    self.t_last, self.it_last = time.perf_counter(), n
+
+# %% ../nbs/14_train.ipynb #0525947f
 class TrainingInterrupted(KeyboardInterrupt):
     "Ctrl-C or SIGTERM stopped a run after writing a checkpoint; the message holds the command that resumes it."
 
@@ -173,203 +251,154 @@ def _frozen_config(run_dir: Path, ck: dict) -> Config:
     if (run_dir/'config.yaml').exists(): return load_config(run_dir/'config.yaml')
     return config_from_dict(ck.get('config') or {})
 
-def _new_dirs(path: Path) -> list:
-    "`path` and those of its parents that do not exist yet (nearest first): what making `path` creates."
-    out, p = [], Path(path).absolute()
-    while not p.exists() and p != p.parent: out.append(p); p = p.parent
-    return out
+def _resume_point(cfg: Config, run_dir, force) -> tuple:
+    "`(checkpoint, run folder, changed keys)` of `train.resume` (a new run: `(None, run_dir, {})`), checked before any work."
+    if not cfg.train.resume:
+        if run_dir is not None: check_new_run_dir(run_dir)                  # fail now, not after checking the data
+        return None, run_dir, {}
+    ck = load_training_checkpoint(cfg.train.resume)
+    run_dir = Path(run_dir) if run_dir is not None else ck['path'].parent.parent
+    if int(ck['iter']) >= cfg.train.iters:
+        raise ConfigError(f"run {run_dir} is finished: {ck['path'].name} is iteration {ck['iter']} and train.iters="
+                          f"{cfg.train.iters}; nothing to resume (to train longer, expected train.iters > {ck['iter']} with "
+                          f"--force train.iters)")
+    changed = config_changes(_frozen_config(run_dir, ck), cfg)
+    blocked = {k: v for k, v in changed.items() if k not in force}
+    if blocked:
+        raise ConfigError(f"resuming {run_dir} with a config that differs from the run's own: "
+                          + '; '.join(f"{k}: run {a!r}, now {b!r}" for k, (a, b) in list(blocked.items())[:6])
+                          + f" (resume with `tps train --resume {run_dir}` to keep the run's config, or name the keys "
+                          f"to change with --force)")
+    return ck, run_dir, changed
 
-def _remove_failed_start(run_dir: Path, created: list, keep_folder: bool = False):
-    "Delete the run folder of a start that failed (only its contents if it existed, empty, before), and the parent folders that start created (if empty)."
-    if keep_folder:
-        for p in Path(run_dir).iterdir(): shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    else: shutil.rmtree(run_dir, ignore_errors=True)
-    for p in created:
-        try: p.rmdir()
-        except OSError: break                                              # not empty (another run) or gone
+# %% ../nbs/14_train.ipynb #611266ca
+def _deterministic(t, device: torch.device):
+    "Deterministic algorithms with `train.deterministic`, else cuDNN's autotuner on a GPU."
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True); torch.backends.cudnn.benchmark = False
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    elif device.type == 'cuda': torch.backends.cudnn.benchmark = True
 
+def _open_run_dir(folder: RunFolder, ck, changed: dict, info: dict, announce: bool) -> Path:
+    "Rank 0 creates (or resumes) the run folder and may announce it; the other processes receive its path."
+    if info['rank'] == 0:
+        folder.resume(ck, changed) if ck is not None else folder.create()
+        if announce:                                                       # where the run is, before anything can stop it
+            print(f"tps: run folder {Path(folder.path).resolve()}; if it stops, continue with: {resume_command(folder.path)}",
+                  file=sys.stderr, flush=True)
+    box = [str(folder.path) if info['rank'] == 0 else None]
+    if info['world_size'] > 1: dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+@dataclasses.dataclass
+class _Run:
+    "What the loop works on."
+    net: torch.nn.Module          # the network (its weights; `ctx.net` is the DDP wrapper when distributed)
+    opt: torch.optim.Optimizer
+    extras: dict                  # a method's own modules and optimisers
+    gen: torch.Generator          # augmentation draws, on the CPU
+    ctx: StepContext
+    step: object                  # the method's step function
+    start: int                    # iterations already done
+    log: _LogWindow
+    protect: list = dataclasses.field(default_factory=list)   # checkpoints pruning keeps (on_checkpoint's answer)
+
+# %% ../nbs/14_train.ipynb #2eda5d1e
+def _restore(ck: dict, net, opt, extras: dict, gen, loaders: dict, info: dict) -> int:
+    "Load a resumed run's weights, optimiser, extras, RNG streams and data positions; returns its iteration."
+    net.load_state_dict(ck['model']); load_optimizer_state(opt, ck['optimizer'])
+    load_extras(extras, ck.get('extras') or {}, ck['path'])
+    states, world = ck.get('rng') or [], info['world_size']
+    if isinstance(states, dict): states = [states]
+    if len(states) != world:
+        warnings.warn(f"{ck['path']}: saved with {len(states)} process(es), resuming with {world}: "
+                      "RNG streams and data order will differ from an uninterrupted run")
+    if states: set_rng_state(states[info['rank'] % len(states)], gen, loaders if len(states) == world else None)
+    return int(ck['iter'])
+
+def _setup(cfg: Config, info: dict, run_dir: Path, loaders: dict, ck) -> _Run:
+    "Network, optimiser, extras, generator (restored from `ck` when resuming), compilation, DDP, step context, log window."
+    t, device = cfg.train, info['device']
+    net = build_model(dataclasses.replace(cfg.model, init='') if ck is not None else cfg.model).to(device)  # resumed: weights from ck
+    if cfg.model.channels_last: net = net.to(memory_format=torch.channels_last)
+    net.train()
+    opt = build_optimizer(net, t)
+    extras = make_extras(cfg, device)
+    gen = torch.Generator().manual_seed(t.seed + info['rank'])              # augmentation draws, on the CPU (no host syncs)
+    start = _restore(ck, net, opt, extras, gen, loaders, info) if ck is not None else 0
+    if t.compile: compile_model(net)                                         # the per-frame pass, dynamic shapes (see above)
+    model = net
+    if info['world_size'] > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # DA-VSN's target backward leaves some parameters without a gradient (e.g. the aux head when its
+        # adversarial weight is 0): DDP must be told, or it waits for their all-reduce forever
+        model = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=t.method == 'davsn')
+    amp = torch.bfloat16 if (device.type == 'cuda' and t.amp == 'bf16') else None
+    ctx = StepContext(model, cfg, gen, device, amp, bool(cfg.model.channels_last), extras)
+    log = _LogWindow(cfg, info, run_dir, start, ck.get('log') if ck is not None else None)
+    return _Run(net, opt, extras, gen, ctx, method_step(t.method), start, log)
+
+# %% ../nbs/14_train.ipynb #6dcfeda5
+def _checkpoint(r: _Run, cfg: Config, info: dict, loaders: dict, run_dir: Path, n: int, on_checkpoint):
+    "Write checkpoint `n` (weights, optimiser, extras, every process's RNG state, the open log window), then prune."
+    r.log.check_finite()                                                    # never save weights after a NaN
+    state = rng_state(r.gen, loaders)
+    states = [state]
+    if info['world_size'] > 1: states = [None] * info['world_size']; dist.all_gather_object(states, state)
+    if info['rank'] == 0:
+        path = save_checkpoint(checkpoint_path(run_dir, n),
+                               {'model': r.net.state_dict(), 'optimizer': r.opt.state_dict(), 'iter': n,
+                                'config': config_to_dict(cfg), 'rng': states, 'world_size': info['world_size'],
+                                'extras': {k: v.state_dict() for k, v in r.extras.items()}, 'log': r.log.state()})
+        if on_checkpoint is not None:
+            r.protect = list(on_checkpoint(r.net, path, n) or r.protect)
+            r.net.train()
+        prune_checkpoints(run_dir, cfg.train.keep_last, protect=r.protect)
+    if info['world_size'] > 1: dist.barrier()
+
+def _finish(r: _Run, cfg: Config, info: dict, run_dir: Path):
+    "Close TensorBoard and write `done.json` (rank 0)."
+    if r.log.tb is not None: r.log.tb.close()
+    if info['rank'] == 0:
+        atomic_write(run_dir/'done.json', json.dumps({'iters': cfg.train.iters, 'method': cfg.train.method,
+                                                      'finished_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}))
+
+# %% ../nbs/14_train.ipynb #523b3581
 def train(cfg: Config, run_dir=None, on_checkpoint=None, force=(), announce: bool = False) -> Path:
     "Train `cfg.train.method` for `cfg.train.iters` iterations (or resume `train.resume`, whose config may change only in `force`); returns the run folder."
     t = cfg.train
-    if t.method not in METHODS: raise ValueError(f"train.method={t.method!r}: expected one of {sorted(METHODS)}")
-    validate(cfg); check_init(cfg)
-    # ---- resume: the run's own config, changed only where asked
-    ck, changed = None, {}
-    if not t.resume and run_dir is not None:                            # fail now, not after checking the data
-        rd = Path(run_dir)
-        if rd.exists() and not rd.is_dir(): raise ConfigError(f"run folder {rd}: expected a new or empty folder, found a file")
-        held = [n for n in ('checkpoints', 'metrics.jsonl', 'done.json', 'eval.jsonl') if (rd/n).exists()]
-        if held: raise FileExistsError(f"run folder {rd} already holds a run ({', '.join(held)}): resume it with "
-                                       f"`{resume_command(rd)}`, or choose a new folder")
-    if t.resume:
-        ck = load_training_checkpoint(t.resume)
-        run_dir = Path(run_dir) if run_dir is not None else ck['path'].parent.parent
-        if int(ck['iter']) >= t.iters:
-            raise ConfigError(f"run {run_dir} is finished: {ck['path'].name} is iteration {ck['iter']} and train.iters="
-                              f"{t.iters}; nothing to resume (to train longer, expected train.iters > {ck['iter']} with "
-                              f"--force train.iters)")
-        changed = config_changes(_frozen_config(run_dir, ck), cfg)
-        blocked = {k: v for k, v in changed.items() if k not in force}
-        if blocked:
-            raise ConfigError(f"resuming {run_dir} with a config that differs from the run's own: "
-                              + '; '.join(f"{k}: run {a!r}, now {b!r}" for k, a, b in ((k, *v) for k, v in list(blocked.items())[:6]))
-                              + f" (resume with `tps train --resume {run_dir}` to keep the run's config, or name the keys "
-                              f"to change with --force)")
+    validate(cfg); check_init(cfg); method_step(t.method)
+    ck, run_dir, changed = _resume_point(cfg, run_dir, force)
     info = setup_distributed(t.device)
-    rank, world, device = info['rank'], info['world_size'], info['device']
-    main, bar, made, stop, created, keep = rank == 0, None, None, None, [], False
+    device, folder, bar, stop = info['device'], RunFolder(cfg, run_dir), None, None
     try:
-        # ---- deterministic mode and seeds: the model starts identical on every rank
-        if t.deterministic:
-            torch.use_deterministic_algorithms(True); torch.backends.cudnn.benchmark = False
-            os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
-        elif device.type == 'cuda': torch.backends.cudnn.benchmark = True
-        seed_everything(t.seed)
-        # ---- data first: a start that fails on the data leaves no run folder behind
-        loaders = _build_data(cfg, info, t.method)
-        # ---- the run folder (rank 0 decides, the others follow)
-        if main:
-            if ck is not None:
-                dropped = truncate_jsonl(run_dir/'metrics.jsonl', int(ck['iter'])) + truncate_jsonl(run_dir/'eval.jsonl', int(ck['iter']))
-                for tmp in (run_dir/'checkpoints').glob('.iter_*.pth.*.tmp'): tmp.unlink(missing_ok=True)  # writes a kill cut short
-                record_resume(run_dir, int(ck['iter']), changed)
-                if changed: save_config(absolute_paths(cfg), run_dir/'config.yaml')
-            else:
-                fresh = run_dir is None or not Path(run_dir).exists() or not any(Path(run_dir).iterdir())
-                created = _new_dirs(Path(t.out_root)/cfg.name if run_dir is None else Path(run_dir).parent)
-                keep = run_dir is not None and Path(run_dir).is_dir() and fresh   # an empty folder the user made stays
-                run_dir = make_run_dir(cfg) if run_dir is None else claim_run_dir(cfg, run_dir)
-                made = run_dir if fresh or not any((run_dir/n).exists() for n in ('metrics.jsonl', 'checkpoints')) else None
-            if announce:                                                   # where the run is, before anything can stop it
-                print(f"tps: run folder {Path(run_dir).resolve()}; if it stops, continue with: {resume_command(run_dir)}",
-                      file=sys.stderr, flush=True)
-        if world > 1:
-            box = [str(run_dir) if main else None]; dist.broadcast_object_list(box, src=0); run_dir = Path(box[0])
-        run_dir = Path(run_dir)
-        # ---- model, optimiser, a method's extras (a resumed run's weights come from its checkpoint, not model.init)
-        net = build_model(dataclasses.replace(cfg.model, init='') if ck is not None else cfg.model).to(device)
-        channels_last = bool(cfg.model.channels_last)
-        if channels_last: net = net.to(memory_format=torch.channels_last)
-        net.train()
-        opt = build_optimizer(net, t)
-        extras = make_extras(cfg, device)                                  # a method's own modules and optimisers
-        gen = torch.Generator().manual_seed(t.seed + rank)  # augmentation draws, on the CPU (no host syncs)
-        start, log_state = 0, None
-        if ck is not None:
-            net.load_state_dict(ck['model']); load_optimizer_state(opt, ck['optimizer']); start = int(ck['iter'])
-            load_extras(extras, ck.get('extras') or {}, ck['path'])
-            log_state = ck.get('log')
-            states = ck.get('rng') or []
-            if isinstance(states, dict): states = [states]
-            if len(states) != world:
-                warnings.warn(f"{ck['path']}: saved with {len(states)} process(es), resuming with {world}: "
-                              "RNG streams and data order will differ from an uninterrupted run")
-            if states: set_rng_state(states[rank % len(states)], gen, loaders if len(states) == world else None)
-        if t.compile: compile_model(net)  # the per-frame pass, dynamic shapes (see above)
-        model = net
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            # DA-VSN's target backward leaves some parameters without a gradient (e.g. the aux head when its
-            # adversarial weight is 0): DDP must be told, or it waits for their all-reduce forever
-            model = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None,
-                        find_unused_parameters=t.method == 'davsn')
-        amp = torch.bfloat16 if (device.type == 'cuda' and t.amp == 'bf16') else None
-        ctx = StepContext(model, cfg, gen, device, amp, channels_last, extras)
-        step = METHODS[t.method]
-        # ---- logging (the open log window travels with the checkpoint, so a resumed run logs what it would have)
-        metrics = run_dir/'metrics.jsonl'
-        tb = None
-        if main and t.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                tb = SummaryWriter(str(run_dir/'tb'))
-            except ImportError: warnings.warn("train.tensorboard=True but tensorboard is not installed; logging to metrics.jsonl only")
-        BIG = 2**62
-        names, acc, count, stats, first_bad = None, None, 0, {}, None   # first_bad: first non-finite iteration per term
-        if log_state:
-            names, count = log_state['names'], log_state['count']
-            acc, first_bad = log_state['acc'].to(device), log_state['first_bad'].to(device)
-            stats = {k: v.to(device) for k, v in log_state['stats'].items()}
-        protect = []
-        bar = tqdm(total=t.iters, initial=start, disable=not main, desc=f'{cfg.name} {t.method}', dynamic_ncols=True)
-        t_last, it_last = time.perf_counter(), start
-        samples_per_iter = cfg.data.batch_size * world
+        _deterministic(t, device); seed_everything(t.seed)                  # the model starts identical on every rank
+        loaders = _build_data(cfg, info, t.method)                           # data first: a bad file leaves no run folder
+        run_dir = _open_run_dir(folder, ck, changed, info, announce)
+        r = _setup(cfg, info, run_dir, loaders, ck)
+        bar = tqdm(total=t.iters, initial=r.start, disable=info['rank'] != 0, desc=f'{cfg.name} {t.method}', dynamic_ncols=True)
         stop = _StopRequests()
-
-        def check_finite():
-            if first_bad is None: return
-            fb = first_bad.clone()
-            if world > 1: dist.all_reduce(fb, op=dist.ReduceOp.MIN)
-            if (fb < BIG).any():
-                j = int(fb.argmin()); last = list_checkpoints(run_dir)
-                raise NonFiniteLossError(f"non-finite loss term {names[j]!r} at iteration {int(fb[j])} "
-                                         f"(0-based) of run {run_dir}; last good checkpoint: {last[-1] if last else 'none'}")
-
-        # ---- the loop
-        made = None                                                          # from here on the run folder is kept
-        for it in range(start, t.iters):
-            lrs = set_lr(opt, it, t)
+        folder.keep()                                                        # from here on the run folder is kept
+        for it in range(r.start, t.iters):
+            lrs = set_lr(r.opt, it, t)
             batches = {k: to_device(next(l), device) for k, l in loaders.items()}
-            opt.zero_grad(set_to_none=True)
-            ctx.it = it
-            terms = step(ctx, batches.get('src'), batches['tgt'])
-            opt.step()
-            # bookkeeping on the device: no host sync here
-            if names is None:
-                names = [k for k, v in terms.items() if v.ndim == 0]          # loss terms, averaged per window
-                acc = torch.zeros(len(names), device=device)
-                first_bad = torch.full((len(names),), BIG, dtype=torch.long, device=device)
-            for k, v in terms.items():                                          # counts (pseudo-label confusion), summed
-                if v.ndim: stats[k] = stats[k] + v if k in stats else v.clone()
-            vals = torch.stack([terms[k] for k in names])
-            bad = ~torch.isfinite(vals)
-            first_bad = torch.where(bad & (first_bad == BIG), torch.full_like(first_bad, it), first_bad)
-            acc += torch.nan_to_num(vals, nan=0.0, posinf=0.0, neginf=0.0); count += 1
+            r.opt.zero_grad(set_to_none=True)
+            r.ctx.it = it
+            terms = r.step(r.ctx, batches.get('src'), batches['tgt'])
+            r.opt.step()
+            r.log.add(it, terms)                                             # on the device: no host sync
             n = it + 1
-            if n % t.log_every == 0 or n == t.iters:
-                check_finite()
-                now = time.perf_counter(); dt = (now - t_last) / max(n - it_last, 1)
-                rec = {'iter': n, **_log_window(acc, count, names, info), **_pl_record(stats, cfg, info),
-                       'lr': {g.get('name', str(i)): lr for i, (g, lr) in enumerate(zip(opt.param_groups, lrs))},
-                       's_per_iter': dt, 'samples_per_s': samples_per_iter / dt if dt > 0 else None,
-                       'peak_mem_mb': _peak_memory_mb(device), 'epoch': {k: l.epoch for k, l in loaders.items()}}
-                if main:
-                    _append_jsonl(metrics, rec)
-                    bar.set_postfix({k: f'{rec[k]:.3f}' for k in names if '_' not in k} | {'s/it': f'{dt:.2f}'})
-                    if tb is not None:
-                        for k in names: tb.add_scalar(f'loss/{k}', rec[k], n)
-                        for k, v in rec['lr'].items(): tb.add_scalar(f'lr/{k}', v, n)
-                        tb.add_scalar('perf/s_per_iter', dt, n)
-                acc.zero_(); count = 0; stats = {}; t_last, it_last = time.perf_counter(), n
+            if n % t.log_every == 0 or n == t.iters: _write_log(r.log, n, r.opt, lrs, loaders, bar)
             if n % t.save_every == 0 or n == t.iters or stop.requested:
-                check_finite()
-                state = rng_state(gen, loaders)
-                if world > 1:
-                    states = [None] * world; dist.all_gather_object(states, state)
-                else: states = [state]
-                if main:
-                    log = {'names': names, 'count': count, 'acc': acc.cpu(), 'first_bad': first_bad.cpu(),
-                           'stats': {k: v.cpu() for k, v in stats.items()}}
-                    path = save_checkpoint(checkpoint_path(run_dir, n),
-                                           {'model': net.state_dict(), 'optimizer': opt.state_dict(), 'iter': n,
-                                            'config': config_to_dict(cfg), 'rng': states, 'world_size': world,
-                                            'extras': {k: v.state_dict() for k, v in extras.items()}, 'log': log})
-                    if on_checkpoint is not None:
-                        protect = list(on_checkpoint(net, path, n) or protect)
-                        net.train()
-                    prune_checkpoints(run_dir, t.keep_last, protect=protect)
-                if world > 1: dist.barrier()
+                _checkpoint(r, cfg, info, loaders, run_dir, n, on_checkpoint)
                 if stop.requested and n < t.iters:
                     raise TrainingInterrupted(f"{stop.requested}: stopped after iteration {n} of {t.iters}; checkpoint "
                                               f"{checkpoint_path(run_dir, n)} written. Continue with: {resume_command(run_dir)}")
             bar.update(1)
-        if tb is not None: tb.close()
-        if main:
-            atomic_write(run_dir/'done.json', json.dumps({'iters': t.iters, 'method': t.method,
-                                                          'finished_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}))
+        _finish(r, cfg, info, run_dir)
         return run_dir
     except BaseException:
-        if made is not None: _remove_failed_start(made, created, keep)        # a failed start leaves no run folder
+        folder.remove_failed_start()                                         # a failed start leaves no run folder
         raise
     finally:
         if stop is not None: stop.restore()

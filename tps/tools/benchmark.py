@@ -17,7 +17,7 @@ from ..data.core import to_device
 from ..augment import to_input, draw_aug_params, scaled_size, legacy_augment_reference, flip_pair
 from ..losses import cross_frame_pseudo_labels, seg_loss, tps_loss
 from ..steps import STEPS, StepContext, random_batches
-from ..train import build_optimizer, set_lr, METHODS, make_extras
+from ..train import build_optimizer, set_lr, method_step, make_extras
 from ..distributed import seed_everything, InfiniteLoader
 
 # %% auto #0
@@ -221,7 +221,7 @@ def make_runner(cfg: Config, kind: str = 'fast', device='auto', compile: bool | 
         compile_model(net)  # compiles the per-frame pass every step uses (dynamic sizes), as train() does
     amp = torch.bfloat16 if device.type == 'cuda' and t.amp == 'bf16' else None
     ctx = StepContext(model, cfg, torch.Generator(device).manual_seed(t.seed), device, amp, cl, make_extras(cfg, device))
-    return StepRunner(kind, ctx, opt, METHODS[t.method], net)
+    return StepRunner(kind, ctx, opt, method_step(t.method), net)
 
 # %% ../../nbs/23_tools.benchmark.ipynb #45cbbde1
 def _sync(device):

@@ -43,12 +43,12 @@ class reference_splatting:
 
 def davsn_speed(cfg: Config, device='auto', warmup: int = 2, iters: int = 5, seed: int = 0) -> dict:
     "Seconds per iteration of TPS, of the kit's DA-VSN and of DA-VSN with `python_splat`, on the same random batches of `cfg`'s sizes, and the ratios."
-    from tps.experiments import METHOD_OVERRIDES
+    from tps.config import method_defaults
     batches = random_batches(cfg, warmup + iters, seed=seed)
     out = {}
     for name, method, ref in (('tps', 'tps', False), ('davsn', 'davsn', False), ('davsn_python_splat', 'davsn', True)):
         c = copy.deepcopy(cfg); c.train.method = method
-        apply_overrides(c, METHOD_OVERRIDES.get(method))
+        method_defaults(c)                                         # DA-VSN's own model
         runner = make_runner(c, 'fast', device, compile=False)
         if ref:
             with reference_splatting(): out[name] = time_steps(runner, batches, warmup, iters)
