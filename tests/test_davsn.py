@@ -100,3 +100,13 @@ def test_speed_yardstick_computes_the_same_step(smoke_config):
     a, b = r['timings']['davsn']['loss_terms'], r['timings']['davsn_python_splat']['loss_terms']
     assert set(a) == set(b) and all(abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])) for k in a), (a, b)
     assert r['davsn_over_tps'] == r['s_per_iter']['davsn'] / r['s_per_iter']['tps']
+
+
+@pytest.mark.parametrize('base', ['syn2city', 'viper2city'])
+def test_davsn_presets_are_the_published_runs(base):
+    "`syn2city_davsn` / `viper2city_davsn`: the paper preset with DA-VSN's published recipe (`DAVSN_PAPER`), nothing else."
+    from tps.config import DAVSN_PAPER, get_preset, preset_diff, validate
+    c = validate(get_preset(f'{base}_davsn'))
+    assert (c.train.method, c.model.fusion, c.model.splat) == ('davsn', 'splat', 'last')
+    assert (c.train.lr, c.train.iters, c.train.save_every) == (2.5e-4, 120000, 1000)
+    assert set(preset_diff(f'{base}_davsn')) <= set(DAVSN_PAPER) and c.data == get_preset(base).data

@@ -32,7 +32,7 @@ def train_to_label_ids(setting: str) -> np.ndarray:
     for i, n in enumerate(CLASS_NAMES[setting]): lut[i] = name2label[n].id
     return lut
 
-# %% ../nbs/15_evaluate.ipynb #23701f6e
+# %% ../nbs/15_evaluate.ipynb #c3db7a51
 def predict(net, d: torch.Tensor, c: torch.Tensor, flow_dc: torch.Tensor, label_size) -> torch.Tensor:
     "Train-id prediction (B, Hl, Wl) for frames d, c (B, 3, H, W) uint8 and flow d->c; `label_size` = (W, H)."
     out = net(to_input(d), to_input(c), flow_dc)
@@ -66,6 +66,7 @@ def _load_net(cfg: Config, checkpoint_or_model, device):
     net, path = load_model(checkpoint_or_model, device, model_cfg=cfg.model)
     return net, str(path), checkpoint_iter(path)
 
+# %% ../nbs/15_evaluate.ipynb #5bdbfe1a
 @torch.no_grad()
 def evaluate(cfg: Config, checkpoint_or_model, split: str | None = None, max_frames: int | None = None,
              save_predictions: int | None = None, out_dir=None, progress: bool = True) -> dict:

@@ -19,7 +19,7 @@ from .results import METHOD_NAMES, METHOD_COLORS, read_metrics, loss_terms
 __all__ = ['curves_frame', 'plot_curves', 'plot_per_class', 'plot_calibration', 'pl_frame', 'plot_pl_accuracy', 'plot_gap_sweep',
            'predict_frame', 'pseudo_label', 'full_snippet', 'snippet_predictions', 'write_gif']
 
-# %% ../nbs/18_figures.ipynb #6ace0429
+# %% ../nbs/18_figures.ipynb #5c6a6f40
 def curves_frame(records: list):
     "A pandas DataFrame (method, seed, iter, term, value) of the loss terms in every record's metrics.jsonl."
     import pandas as pd
@@ -55,6 +55,7 @@ def plot_curves(records: list, terms=None, log_y: bool = True, width: float = 3.
                ncol=len(order), frameon=False, fontsize=9)
     return fig
 
+# %% ../nbs/18_figures.ipynb #42145d1d
 def _class_bars(recs: list, key, names: dict, colors: dict, drop=None, width: float = 11.0):
     "Per-class IoU bars of `recs` (mean over seeds, error bar = sd), one hue per `names[key(r)]`, mIoU last."
     import pandas as pd, seaborn as sns
