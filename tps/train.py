@@ -200,7 +200,7 @@ class _LogWindow:
         fb = self.first_bad.clone()
         if self.info['world_size'] > 1: dist.all_reduce(fb, op=dist.ReduceOp.MIN)
         if (fb < self.BIG).any():
-            j = int(fb.argmin()); last = list_checkpoints(self.run_dir)
+            j, last = int(fb.argmin()), list_checkpoints(self.run_dir)
             raise NonFiniteLossError(f"non-finite loss term {self.names[j]!r} at iteration {int(fb[j])} "
                                      f"(0-based) of run {self.run_dir}; last good checkpoint: {last[-1] if last else 'none'}")
 
@@ -213,7 +213,7 @@ class _LogWindow:
 def _write_log(self: _LogWindow, n: int, opt, lrs: list, loaders: dict, bar):
     "Close log window `self` after `n` iterations: one line of `metrics.jsonl` (rank 0), TensorBoard, the progress bar."
     self.check_finite()
-    now = time.perf_counter(); dt = (now - self.t_last) / max(n - self.it_last, 1)
+    dt = (time.perf_counter() - self.t_last) / max(n - self.it_last, 1)   # s/iter over the window
     rec = {'iter': n, **_log_window(self.acc, self.count, self.names, self.info), **_pl_record(self.stats, self.cfg, self.info),
            'lr': {g.get('name', str(i)): lr for i, (g, lr) in enumerate(zip(opt.param_groups, lrs))},
            's_per_iter': dt, 'samples_per_s': self.cfg.data.batch_size * self.info['world_size'] / dt if dt > 0 else None,
@@ -225,7 +225,8 @@ def _write_log(self: _LogWindow, n: int, opt, lrs: list, loaders: dict, bar):
             for k in self.names: self.tb.add_scalar(f'loss/{k}', rec[k], n)
             for k, v in rec['lr'].items(): self.tb.add_scalar(f'lr/{k}', v, n)
             self.tb.add_scalar('perf/s_per_iter', dt, n)
-    self.acc.zero_(); self.count = 0; self.stats = {}
+    self.acc.zero_()
+    self.count, self.stats = 0, {}
     self.t_last, self.it_last = time.perf_counter(), n
 
 # %% ../nbs/14_train.ipynb #0525947f
@@ -275,7 +276,8 @@ def _resume_point(cfg: Config, run_dir, force) -> tuple:
 def _deterministic(t, device: torch.device):
     "Deterministic algorithms with `train.deterministic`, else cuDNN's autotuner on a GPU."
     if t.deterministic:
-        torch.use_deterministic_algorithms(True); torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
     elif device.type == 'cuda': torch.backends.cudnn.benchmark = True
 
@@ -306,7 +308,8 @@ class _Run:
 # %% ../nbs/14_train.ipynb #2eda5d1e
 def _restore(ck: dict, net, opt, extras: dict, gen, loaders: dict, info: dict) -> int:
     "Load a resumed run's weights, optimiser, extras, RNG streams and data positions; returns its iteration."
-    net.load_state_dict(ck['model']); load_optimizer_state(opt, ck['optimizer'])
+    net.load_state_dict(ck['model'])
+    load_optimizer_state(opt, ck['optimizer'])
     load_extras(extras, ck.get('extras') or {}, ck['path'])
     states, world = ck.get('rng') or [], info['world_size']
     if isinstance(states, dict): states = [states]
@@ -367,7 +370,7 @@ def _finish(r: _Run, cfg: Config, info: dict, run_dir: Path):
 def train(cfg: Config, run_dir=None, on_checkpoint=None, force=(), announce: bool = False) -> Path:
     "Train `cfg.train.method` for `cfg.train.iters` iterations (or resume `train.resume`, whose config may change only in `force`); returns the run folder."
     t = cfg.train
-    validate(cfg); check_init(cfg); method_step(t.method)
+    validate(cfg); check_init(cfg); method_step(t.method)                 # a bad value stops here, before any work
     ck, run_dir, changed = _resume_point(cfg, run_dir, force)
     info = setup_distributed(t.device)
     device, folder, bar, stop = info['device'], RunFolder(cfg, run_dir), None, None
