@@ -16,15 +16,15 @@ def one_thread():
 def _step(cfg, batches, extras=None, seed=0):
     "One training iteration of `cfg` from fixed weights on fixed batches; the network after it."
     from tps.model import build_model
-    from tps.steps import StepContext, STEPS
-    from tps.train import build_optimizer, make_extras, seed_everything
+    from tps.steps import StepContext
+    from tps.train import build_optimizer, make_extras, method_step, seed_everything
     seed_everything(seed)
     net = build_model(cfg.model).train()
     opt = build_optimizer(net, cfg.train)
     ex = make_extras(cfg, torch.device('cpu')) if extras is None else extras
     ctx = StepContext(net, cfg, torch.Generator().manual_seed(seed), torch.device('cpu'), extras=ex)
     opt.zero_grad()
-    terms = STEPS[cfg.train.method](ctx, *batches)
+    terms = method_step(cfg.train.method)(ctx, *batches)
     opt.step()
     return net, terms, ex
 

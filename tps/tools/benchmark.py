@@ -16,7 +16,7 @@ from ..model import TPSNet, build_model, score_size
 from ..data.core import to_device
 from ..augment import to_input, draw_aug_params, scaled_size, legacy_augment_reference, flip_pair
 from ..losses import cross_frame_pseudo_labels, seg_loss, tps_loss
-from ..steps import STEPS, StepContext, random_batches
+from ..steps import StepContext, random_batches
 from ..train import build_optimizer, set_lr, method_step, make_extras
 from ..distributed import seed_everything, InfiniteLoader
 
