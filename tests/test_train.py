@@ -74,13 +74,14 @@ def test_a_new_method_is_a_step_function_and_one_entry(smoke_config, monkeypatch
 
 def test_nonfinite_loss_stops(smoke_config, tmp_path, monkeypatch):
     import tps.train as T
+    from tps.config import Method
     calls = {'n': 0}
     orig = T.method_step('source_only')
     def poisoned(ctx, src, tgt):
         out = orig(ctx, src, tgt); calls['n'] += 1
         if calls['n'] >= 4: out['src'] = out['src'] * float('nan')  # iteration 3 (0-based) goes bad
         return out
-    monkeypatch.setitem(T.METHODS, 'source_only', T.Method('Source-only', poisoned))
+    monkeypatch.setitem(T.METHODS, 'source_only', Method('Source-only', poisoned))
     cfg = smoke_config('source_only', iters=6, save_every=2, log_every=3)
     with pytest.raises(T.NonFiniteLossError, match=r"'src' at iteration 3") as e:
         T.train(cfg, run_dir=tmp_path/'run')

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from .utils import atomic_write, resolve_device
-from .config import Config, ConfigError, METHODS, Method, config_to_dict, config_from_dict, load_config, validate
+from .config import Config, ConfigError, METHODS, config_to_dict, config_from_dict, load_config, validate
 from .model import build_model, param_groups, unwrap, CheckpointError
 from .data.core import to_device
 from .metrics import pseudo_label_scores

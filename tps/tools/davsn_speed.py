@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import torch
 from ..utils import resolve_device
-from ..config import Config, apply_overrides
+from ..config import Config
 from ..steps import random_batches
 from .benchmark import make_runner, time_steps, device_name
 
