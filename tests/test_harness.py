@@ -111,3 +111,18 @@ def test_plan_lists_done_and_open(tmp_path, capsys):
     assert [l.split()[0] for l in lines if l] == ['done', 'done', 'done', 'open']
     assert main(['--protocol', 'nope', '--out', str(out), '--plan']) == 2
     assert "unknown protocol 'nope'" in capsys.readouterr().err
+
+
+def test_benchmark_full_notebook(tmp_path, repo):
+    "The papermill notebook with the lead's kind of parameters (smoke-sized): results.json, results.md and the forest plot."
+    pm = pytest.importorskip('papermill')
+    out, res = tmp_path/'out', tmp_path/'results'
+    pm.execute_notebook(str(repo/'nbs/experiments/benchmark_full.ipynb'), str(tmp_path/'benchmark_full.ipynb'),
+                        parameters={'PROTOCOL': 'smoke', 'METHODS': ['source_only', 'pixmatch'], 'SEEDS': 1, 'DRAWS': [0, 1],
+                                    'OUT': str(out), 'RESULTS_DIR': str(res), 'POLL': 0.1},
+                        cwd=str(repo), kernel_name='python3', language='python', progress_bar=False)
+    doc = json.loads((res/'results.json').read_text())
+    comp = doc['benchmark']['0.6']['comparisons']
+    assert [(c['a'], c['b'], c['n']) for c in comp] == [('pixmatch', 'source_only', 2)]
+    assert doc['protocol']['name'] == 'smoke' and len(doc['records']) == 2 + 2 + 4 and doc['machine']['cpu'] is not None
+    assert 'PixMatch - Source-only' in (res/'results.md').read_text() and (res/'forest.png').stat().st_size > 1000

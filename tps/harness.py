@@ -10,7 +10,6 @@ from pathlib import Path
 from .utils import atomic_write
 from .config import SMOKE_SYNTHETIC, config_to_dict, experiment_config
 from .results import METHODS, METHOD_NAMES, jsonable
-from .experiments import DEMO_DATA, DEMO_ITERS, DEMO_OVERRIDES, method_config, run_method, warmup_run
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'HEARTBEAT_S', 'CLAIM_STALE_S', 'HOST', 'PROVENANCE', 'Protocol', 'register_protocol', 'get_protocol',
@@ -37,16 +36,19 @@ class Protocol:
         return float(self.data.get('shift', 1.0))
 
 PROTOCOLS = {}
-"The named protocols of `tps benchmark --protocol`."
+"The named protocols of `tps benchmark --protocol`: a `Protocol`, or a function making it when it is first asked for."
 
-def register_protocol(p: Protocol) -> Protocol:
-    "Add `p` to `PROTOCOLS` (by its name) and return it."
-    PROTOCOLS[p.name] = p
+def register_protocol(p, name: str | None = None):
+    "Add `p` (a `Protocol`, or a function returning one, registered under `name`) to `PROTOCOLS`; returns `p`."
+    PROTOCOLS[name or p.name] = p
     return p
 
-register_protocol(Protocol(
-    'demo', 'demo', dict(DEMO_DATA), DEMO_ITERS['warmup'], {m: DEMO_ITERS[m] for m in METHODS}, dict(DEMO_OVERRIDES),
-    about="the demo's protocol (README, `tps demo`) with one source-only warm-up per training seed"))
+def _demo() -> Protocol:
+    from tps.experiments import DEMO_DATA, DEMO_ITERS, DEMO_OVERRIDES     # torch: imported when the protocol is used
+    return Protocol('demo', 'demo', dict(DEMO_DATA), DEMO_ITERS['warmup'], {m: DEMO_ITERS[m] for m in METHODS},
+                    dict(DEMO_OVERRIDES), about="the demo's protocol (README, `tps demo`) with one source-only warm-up per training seed")
+
+register_protocol(_demo, 'demo')
 register_protocol(Protocol(
     'smoke', 'smoke', {**SMOKE_SYNTHETIC, 'shift': 0.6}, 2, {m: 2 for m in METHODS},
     {'data.check': 'off', 'train.log_every': 1}, about='the demo at 64x32 for 2 iterations: tests and quick checks'))
@@ -55,6 +57,7 @@ def get_protocol(name) -> Protocol:
     "The protocol named `name` (a `Protocol` passes through); a clear error names the known ones."
     if isinstance(name, Protocol): return name
     if name not in PROTOCOLS: raise KeyError(f"unknown protocol {name!r}; expected one of {sorted(PROTOCOLS)}")
+    if not isinstance(PROTOCOLS[name], Protocol): PROTOCOLS[name] = PROTOCOLS[name]()
     return PROTOCOLS[name]
 
 # %% ../nbs/17_harness.ipynb #4e02fa8b
@@ -92,6 +95,7 @@ def data_dir(root, protocol, draw: int, shift: float) -> Path:
 def plan(protocol='demo', methods=METHODS, seeds=range(5), draws=(0, 1), shifts=None, data_root='data',
          device: str | None = None) -> list:
     "Every unit of the benchmark, in run order."
+    from tps.experiments import method_config
     p = get_protocol(protocol)
     bad = [m for m in methods if m not in p.iters]
     if bad or not methods: raise KeyError(f"methods {list(methods)}: expected some of {list(p.iters)}")
@@ -151,7 +155,7 @@ def claim_live(path, stale_after: float = CLAIM_STALE_S) -> bool:
     except OSError: return False
     try: c = json.loads(text)
     except ValueError: c = None                        # being written: live unless old
-    if c and c.get('host') == HOST['host'] and c.get('boot_id') == HOST['boot_id']:
+    if c and 'pid' in c and c.get('host') == HOST['host'] and c.get('boot_id') == HOST['boot_id']:
         return _pid_alive(c['pid'], c.get('pid_start'))
     return time.time() - mtime < stale_after
 
@@ -218,6 +222,7 @@ def run_unit(u: Unit, protocol, out, data_root, records_dir, device: str | None 
     "Run unit `u` (its dependencies' records already in `records_dir`) and return its record."
     import torch
     from tps.data.synthetic import make_synthetic
+    from tps.experiments import run_method, warmup_run
     from tps.runs import resolve_checkpoint
     p, out, t0 = get_protocol(protocol), Path(out).resolve(), time.time()
     rec = {'kind': u.kind, 'method': u.method, 'seed': u.seed, 'draw': u.draw, 'shift': u.shift, 'protocol': p.name,
@@ -276,7 +281,7 @@ def run_benchmark(protocol='demo', methods=METHODS, seeds=range(5), draws=(0, 1)
     units = plan(p, methods, seeds, draws, shifts, data_root, device)
     rec_dir, claims = out/'records', out/'claims'
     rec_dir.mkdir(parents=True, exist_ok=True)
-    is_done = lambda k: (rec_dir/f'{k}.json').exists()
+    is_done, seen = (lambda k: (rec_dir/f'{k}.json').exists()), {}     # seen: records read so far (they never change)
     log(f"benchmark {p.name}: {len(units)} units ({', '.join(methods)} x seeds {list(seeds)} x draws {list(draws)} x "
         f"shifts {sorted({u.shift for u in units})}) -> {out}", flush=True)
     while True:
@@ -296,8 +301,9 @@ def run_benchmark(protocol='demo', methods=METHODS, seeds=range(5), draws=(0, 1)
             finally:
                 c.release()
             ran = True
-            recs = {k: json.loads((rec_dir/f'{k}.json').read_text()) for k in (x.key for x in units) if is_done(k)}
-            left = _eta(units, set(recs), recs)
+            seen.update({x.key: json.loads((rec_dir/f'{x.key}.json').read_text()) for x in units
+                         if x.key not in seen and is_done(x.key)})
+            recs, left = seen, _eta(units, set(seen), seen)
             score = f"mIoU {rec['result']['miou']:.2f}, " if 'result' in rec else ''
             log(f"[{len(recs)}/{len(units)} done] {u.label}: {score}{rec['seconds']:.0f} s; ~{left / 60:.1f} min left",
                 flush=True)
