@@ -126,3 +126,15 @@ def test_benchmark_full_notebook(tmp_path, repo):
     assert [(c['a'], c['b'], c['n']) for c in comp] == [('pixmatch', 'source_only', 2)]
     assert doc['protocol']['name'] == 'smoke' and len(doc['records']) == 2 + 2 + 4 and doc['machine']['cpu'] is not None
     assert 'PixMatch - Source-only' in (res/'results.md').read_text() and (res/'forest.png').stat().st_size > 1000
+
+
+def test_interrupted_data_generation_is_redone(tmp_path):
+    "A draw whose generation was killed (a folder without its synthetic.json) is written again by whoever claims its unit."
+    from tps.harness import data_dir
+    out = tmp_path/'out'
+    partial = data_dir(out/'data', 'smoke', 0, 0.6)
+    (partial/'viper'/'train').mkdir(parents=True)
+    (partial/'viper'/'train'/'junk.jpg').write_bytes(b'not an image')
+    recs = run_benchmark('smoke', ['source_only'], [0], [0], out=out, log=lambda *a, **k: None)
+    assert [r['kind'] for r in recs] == ['data', 'warmup', 'method'] and (partial/'synthetic.json').exists()
+    assert not (partial/'viper'/'train'/'junk.jpg').exists() and recs[2]['result']['miou'] >= 0

@@ -284,6 +284,7 @@ def run_benchmark(protocol='demo', methods=METHODS, seeds=range(5), draws=(0, 1)
     is_done, seen = (lambda k: (rec_dir/f'{k}.json').exists()), {}     # seen: records read so far (they never change)
     log(f"benchmark {p.name}: {len(units)} units ({', '.join(methods)} x seeds {list(seeds)} x draws {list(draws)} x "
         f"shifts {sorted({u.shift for u in units})}) -> {out}", flush=True)
+    waiting = None
     while True:
         todo = [u for u in units if not is_done(u.key)]
         if not todo: break
@@ -305,10 +306,16 @@ def run_benchmark(protocol='demo', methods=METHODS, seeds=range(5), draws=(0, 1)
                          if x.key not in seen and is_done(x.key)})
             recs, left = seen, _eta(units, set(seen), seen)
             score = f"mIoU {rec['result']['miou']:.2f}, " if 'result' in rec else ''
-            log(f"[{len(recs)}/{len(units)} done] {u.label}: {score}{rec['seconds']:.0f} s; ~{left / 60:.1f} min left",
+            took = ''.join(f" (took over the claim of pid {t.get('pid')} on {t.get('host')})" for t in c.took_over)
+            log(f"[{len(recs)}/{len(units)} done] {u.label}: {score}{rec['seconds']:.0f} s; ~{left / 60:.1f} min left{took}",
                 flush=True)
+            waiting = None
             break                                   # start over: keep the run order, see what others finished
-        if not ran: time.sleep(poll)
+        if not ran:
+            if waiting != len(todo):
+                log(f"waiting: {len(todo)} open units are held by other invocations or wait for their warm-up or data", flush=True)
+                waiting = len(todo)
+            time.sleep(poll)
     return [json.loads((rec_dir/f'{u.key}.json').read_text()) for u in units]
 
 # %% ../nbs/17_harness.ipynb #4c889b10
