@@ -285,3 +285,15 @@ def test_demo_quick_honours_seeds_and_device(monkeypatch):
     assert tps.cli.main(['demo', '--quick', '--seeds', '5', '--device', 'cpu', '--iters', '3', '--out', 'x']) == 0
     assert seen['seeds'] == (5,) and seen['device'] == 'cpu' and seen['iters'] == 3 and seen['out'] == 'x'
     assert seen['quick'] is True and seen['methods'] == ('source_only', 'tps')
+
+
+def test_benchmark_subcommand_plans_the_units(tmp_path):
+    "`tps benchmark --plan` lists every unit of the grid without training anything."
+    import subprocess, sys
+    r = subprocess.run([sys.executable, '-m', 'tps.cli', 'benchmark', '--protocol', 'smoke', '--methods', 'source_only', 'tps',
+                        '--seeds', '2', '--data-seeds', '0', '--out', str(tmp_path/'b'), '--plan'],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert 'tps' in out and 'source_only' in out
+    assert not (tmp_path/'b'/'records').exists() or not any((tmp_path/'b'/'records').iterdir())

@@ -57,7 +57,7 @@ def _parser(argv=()) -> argparse.ArgumentParser:
                 epilog=ep, formatter_class=fmt)
     from tps import __version__
     p.add_argument('--version', action='version', version=f'tps {__version__}')
-    sub = p.add_subparsers(dest='cmd', metavar='{train,eval,config,check-data,flow,make-synthetic,demo}')
+    sub = p.add_subparsers(dest='cmd', metavar='{train,eval,config,check-data,flow,make-synthetic,demo,benchmark}')
     def cfg_args(q, preset_default=None):
         q.add_argument('--preset', default=preset_default, help=f"one of {sorted(C.PRESETS)}" + (f" (default {preset_default})" if preset_default else ''))
         q.add_argument('--config', help='a config.yaml to start from instead of a preset')
@@ -89,6 +89,8 @@ def _parser(argv=()) -> argparse.ArgumentParser:
     sub.add_parser('flow', help='precompute optical flows (tps-flow; `tps flow --help`)', add_help=False)
     sub.add_parser('make-synthetic', help='write the synthetic benchmark (tps-make-synthetic)', add_help=False)
     _demo_args(sub.add_parser('demo', help='the main job: synthetic data, every method x 3 seeds via papermill, table and figures'))
+    from tps.harness import add_arguments as _benchmark_args     # light: torch is imported when it runs
+    _benchmark_args(sub.add_parser('benchmark', help='the full benchmark: methods x seeds x draws on a protocol, resumable, with confidence intervals'))
     return p
 
 # %% ../nbs/19_cli.ipynb #605ec8bf
@@ -272,6 +274,9 @@ def main(argv=None) -> int:
         if a.cmd == 'config': return _cmd_config(a)
         if a.cmd == 'check-data': return _cmd_check_data(a)
         if a.cmd == 'demo': return _cmd_demo(a)
+        if a.cmd == 'benchmark':
+            from tps.harness import run_from_args
+            return run_from_args(a)
     except (C.ConfigError, KeyError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
         print(f"tps: error: {_message(e)}", file=sys.stderr); return 2
     except KeyboardInterrupt:
