@@ -11,7 +11,7 @@ from tps.data import CityscapesSeq
 from tps.data.synthetic import make_synthetic
 from tps.metrics import confusion_matrix, per_class_iou, mean_iou
 from tps.config import IGNORE
-from tps.losses import cross_frame_pseudo_labels
+from tps.teacher import cross_frame_pseudo_labels
 from tps.model import TPSNet, CheckpointError, infer_model_kwargs
 from tps.runs import load_model
 from tps.explorer import PseudoLabelExplorer, PANELS, sample_names

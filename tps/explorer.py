@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from .config import CLASS_NAMES, IGNORE
 from .augment import to_input, from_input, strong_augment
-from .losses import apply_threshold
+from .teacher import apply_threshold
 from .teacher import pseudo_labels
 from .flow import flow_to_color
 from .metrics import pseudo_label_metrics, pseudo_label_scores
