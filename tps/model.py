@@ -82,7 +82,7 @@ class ClassifierModule(nn.Module):
         for conv in self.conv2d_list[1:]: out = out + conv(x)
         return out
 
-# %% ../nbs/05_model.ipynb #2f68faa8
+# %% ../nbs/05_model.ipynb #a6930627
 class FusionOutput(NamedTuple):
     "Outputs of `TPSNet`: fused, current-frame and key-frame scores of the aux and main heads, (B, C, h, w) each."
     fused_aux: Optional[torch.Tensor]
@@ -106,7 +106,7 @@ def score_flow(flow: torch.Tensor, size, flow_scale: str = 'legacy') -> torch.Te
     return resize_flow(flow, size, legacy=flow_scale == 'legacy')
 
 
-# %% ../nbs/05_model.ipynb #3ad7ed1e
+# %% ../nbs/05_model.ipynb #095a2fb8
 class TPSNet(nn.Module):
     "ACCEL DeepLab-v2: a dilated ResNet with ASPP-sum heads and flow-warped key-frame score fusion."
     def __init__(self, arch: str = 'resnet101', num_classes: int = 15, multi_level: bool = True,
@@ -167,7 +167,7 @@ class TPSNet(nn.Module):
         return self
 
 
-# %% ../nbs/05_model.ipynb #e149b055
+# %% ../nbs/05_model.ipynb #885f27ec
 @patch
 def single(self: TPSNet, x: torch.Tensor):
     "Scores of one frame, no fusion: `(aux, main)`, each (B, C, h, w); `aux` is None without multi-level."
@@ -198,7 +198,7 @@ def score_flow(self: TPSNet, flow: torch.Tensor, size) -> torch.Tensor:
 
 
 
-# %% ../nbs/05_model.ipynb #95bb4467
+# %% ../nbs/05_model.ipynb #67a0a59b
 @patch
 def forward(self: TPSNet, cf: torch.Tensor, kf: Optional[torch.Tensor], flow: torch.Tensor, kf_scores=None) -> FusionOutput:
     "Two-frame forward: cf, kf (B, 3, H, W) normalised; flow (B, 2, h', w') cf -> kf in its own pixels."

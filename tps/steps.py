@@ -105,7 +105,7 @@ def pseudo_label_stats(ctx: StepContext, pl: torch.Tensor, tgt: dict) -> dict:
     return {'pl_confusion': cm, 'pl_dropped': dropped}
 
 
-# %% ../nbs/12_steps.ipynb #330e1314
+# %% ../nbs/12_steps.ipynb #d8d3dad8
 def logged_terms(prefix: str, losses: dict) -> dict:
     "The scalar tensors of a loss dict, detached, as logged: `loss` becomes `prefix`, any other key `prefix_key`."
     return {(prefix if k == 'loss' else f'{prefix}_{k}'): v.detach().float() for k, v in losses.items()
