@@ -218,6 +218,7 @@ def test_demo_function(smoke_data, tmp_path):
     assert (tmp_path/'results.md').exists() and (tmp_path/'results.csv').exists()
 
 
+@pytest.mark.slow   # papermill demo
 def test_demo_command_runs_the_papermill_demo(monkeypatch):
     "`tps demo` hands its options to tps.experiments.run_demo (the main job); `--quick` does not."
     import tps.experiments, tps.cli

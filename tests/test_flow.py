@@ -1,5 +1,5 @@
 "Flow files, names and estimators (tps.flow), and the resumable `tps-flow` precompute command (tps.tools.flows)."
-import os, signal, subprocess, sys, time
+import signal, subprocess, sys, time
 from pathlib import Path
 import cv2, numpy as np, pytest, torch
 from tps.flow import (FlowFileError, read_flow, write_flow, flow_name, flow_path, estimate_flow, estimate_flow_batch,
@@ -203,6 +203,7 @@ def _npys(d):
     return {p.name: p.read_bytes() for p in sorted(Path(d).glob('*_int16_x10.npy'))}
 
 
+@pytest.mark.slow   # flow subprocesses killed and resumed
 def test_precompute_killed_and_resumed_is_identical(tmp_path):
     root = fake_cityscapes(tmp_path / 'city', seqs=6)
     common = ['--dataset', 'cityscapes', '--root', str(root), '--split', 'train', '--interval', '1', '2', '3', '4', '5',

@@ -1,6 +1,5 @@
 "Training: lr schedule per group (both modes), every method runs, the loop equals a plain loop, checkpoint pruning, NaN stop, exact resume after SIGKILL."
 import json, os, random, subprocess, sys, textwrap
-from pathlib import Path
 import numpy as np
 import pytest
 import torch
@@ -95,6 +94,7 @@ def _child(cfg, run, kill_at, tmp_path):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow   # a training subprocess killed and resumed
 def test_resume_after_sigkill_is_exact(smoke_config, tmp_path):
     "A run SIGKILLed right after its iteration-2 checkpoint and resumed ends with the uninterrupted run's weights."
     from tps.train import load_training_checkpoint
