@@ -1,7 +1,4 @@
 "DA-VSN: the step's losses against an independent computation, where gradients flow, and exact resume with the discriminators."
-import json
-import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -60,7 +57,6 @@ def test_gradients_go_only_where_the_reference_sends_them():
     g_sf = net.sf_layer.weight.grad.clone()
     # the source loss alone gives the fusion conv the same (pre-clip) direction: the target terms never reach it
     net.zero_grad()
-    from tps.steps import source_loss
     so = net(to_input(src['d']), to_input(src['c']), src['flow_dc'])
     from tps.losses import seg_loss
     seg_loss(so.fused_main, so.fused_aux, src['label'])['loss'].backward()

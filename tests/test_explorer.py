@@ -1,11 +1,10 @@
 "tps.explorer without a browser: controls drive panels, the network runs only on new keys, pseudo labels and metrics equal a direct computation."
-from pathlib import Path
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tps.augment import to_input, flip_pair, strong_augment
+from tps.augment import to_input, flip_pair
 from tps.config import get_preset, apply_overrides, config_to_dict
 from tps.data import CityscapesSeq
 from tps.data.synthetic import make_synthetic

@@ -1,6 +1,5 @@
 "The two-frame ACCEL DeepLab-v2 model: architecture against the method notes (nbs/method.ipynb, the model), fusion, gradients, loaders, bf16/compile."
 import copy
-from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn

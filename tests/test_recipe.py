@@ -1,9 +1,8 @@
 "The switches beyond the paper (EMA teacher, pseudo-label quality weight): formulas, equality with TPS where they must agree, exact resume, and the paper presets untouched."
-import copy
 import pytest
 import torch
 
-from tps.config import get_preset, apply_overrides, PRESETS
+from tps.config import get_preset, apply_overrides
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,6 @@
 "The package's structure: no import circle (module level or inside functions), the core never imports the tools, modules stay readable in size."
 import ast
 from pathlib import Path
-import pytest
 
 PKG = Path(__file__).resolve().parents[1]/'tps'
 

@@ -1,5 +1,5 @@
 "Tests of tps.warp: the reference warp against a loop transcription of the warp formula, gradients, errors, resize_flow, the CUDA source and build, (on a GPU) the CUDA kernel, and the benchmark tool tps.tools.warp_bench."
-import math, os, stat, time, warnings
+import math, os, time, warnings
 import numpy as np
 import pytest
 import torch

@@ -6,7 +6,6 @@
 from __future__ import annotations
 import copy, html, io, time
 from collections import OrderedDict
-from pathlib import Path
 import numpy as np
 import cv2
 import torch

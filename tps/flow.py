@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_flow.ipynb #e325793d
 from __future__ import annotations
-import io, os, re
+import io, re
 from pathlib import Path
 import numpy as np
 import torch

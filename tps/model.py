@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from fastcore.basics import patch
 from .warp import flow_warp, resize_flow, forward_splat, SPLAT_MODES
 

@@ -134,7 +134,6 @@ def _mkdocs_yml(site_name: str, desc: str, nav: list, site_dir: Path) -> str:
     return json.dumps(cfg, indent=1)  # JSON is YAML
 
 def _legend_png(setting: str) -> bytes:
-    import io
     from tps.viz import legend, save_figure
     lg = legend(setting, ncol=8)
     with tempfile.TemporaryDirectory() as d:
