@@ -148,7 +148,7 @@ def scaled_size(h: int, w: int, r: float) -> tuple:
     "The rescaled size `(round(h r / 8) * 8, round(w r / 8) * 8)` (torch order)."
     return (round(h * r / 8) * 8, round(w * r / 8) * 8)
 
-# %% ../nbs/06_augment.ipynb #a4bca567
+# %% ../nbs/06_augment.ipynb #9482e426
 def _gauss_kernel(sigma: float) -> torch.Tensor:
     "Normalised 1-D Gaussian (K,) float32, K = 2 ceil(3 sigma) + 1."
     half = math.ceil(3 * sigma)
@@ -200,6 +200,8 @@ def adjust_hue(x: torch.Tensor, hue_factor: float) -> torch.Tensor:
 _JITTER = {0: ('brightness', TF.adjust_brightness), 1: ('contrast', TF.adjust_contrast),
            2: ('saturation', TF.adjust_saturation), 3: ('hue', adjust_hue)}
 
+
+# %% ../nbs/06_augment.ipynb #fef035d0
 def _augment_pair(pair, p, i):
     "Photometric augmentation of one pair (2,3,H,W) float in [0,1] with draw `i` of params `p`."
     H = pair.shape[2]
@@ -212,6 +214,7 @@ def _augment_pair(pair, p, i):
             x = fn(x, p[name][i])
     if p['gray'][i]: x = TF.rgb_to_grayscale(x, num_output_channels=3)
     return torch.stack([x[0, :, :H], x[0, :, H:]])  # (2, 3, H, W)
+
 
 # %% ../nbs/06_augment.ipynb #40701b17
 def _wrap_uint8(x):

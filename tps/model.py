@@ -264,7 +264,7 @@ def param_groups(net: TPSNet, lr: float, backbone_mult: float = 1.0, legacy: boo
     mult = {'backbone': float(backbone_mult), 'fusion': 1.0, 'heads': 10.0}
     return [{'name': k, 'params': v, 'lr': lr * mult[k], 'lr_mult': mult[k]} for k, v in groups.items()]
 
-# %% ../nbs/05_model.ipynb #b8ac771d
+# %% ../nbs/05_model.ipynb #e9694c25
 class CheckpointError(ValueError):
     "A weights file that does not fit the network (wrong keys, shapes or format)."
 
@@ -322,6 +322,8 @@ def load_checkpoint(net: TPSNet, path) -> dict:
     sd, name = read_state_dict(path, 'checkpoint')
     return _assign(_target(net), sd, name, 'a checkpoint', lambda k: k.endswith('num_batches_tracked'))
 
+
+# %% ../nbs/05_model.ipynb #eabbff29
 def load_imagenet_init(net: TPSNet, path) -> dict:
     "Load `DeepLab_resnet_pretrained_imagenet.pth` ('Scale.' prefix dropped, layer5/fc skipped) into the backbone."
     sd, name = read_state_dict(path, 'ImageNet init')
@@ -353,6 +355,7 @@ def load_init(net: TPSNet, path) -> dict:
     if 'fc.weight' in sd or not any(k.startswith('layer6.') for k in sd):
         return load_torchvision_resnet(net, sd) | {'path': name}
     return load_checkpoint(net, sd) | {'path': name}
+
 
 # %% ../nbs/05_model.ipynb #f5db09d5
 def infer_model_kwargs(state_dict: dict) -> dict:
