@@ -200,7 +200,6 @@ def adjust_hue(x: torch.Tensor, hue_factor: float) -> torch.Tensor:
 _JITTER = {0: ('brightness', TF.adjust_brightness), 1: ('contrast', TF.adjust_contrast),
            2: ('saturation', TF.adjust_saturation), 3: ('hue', adjust_hue)}
 
-
 # %% ../nbs/06_augment.ipynb #fef035d0
 def _augment_pair(pair, p, i):
     "Photometric augmentation of one pair (2,3,H,W) float in [0,1] with draw `i` of params `p`."
@@ -214,7 +213,6 @@ def _augment_pair(pair, p, i):
             x = fn(x, p[name][i])
     if p['gray'][i]: x = TF.rgb_to_grayscale(x, num_output_channels=3)
     return torch.stack([x[0, :, :H], x[0, :, H:]])  # (2, 3, H, W)
-
 
 # %% ../nbs/06_augment.ipynb #40701b17
 def _wrap_uint8(x):
@@ -238,7 +236,6 @@ def _legacy_pil_pair(x, p, i):
                 img = Image.merge('HSV', (h, s, v)).convert('RGB')
     if p['gray'][i]: img = Image.merge('RGB', [img.convert('L')] * 3)
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
-
 
 # %% ../nbs/06_augment.ipynb #17e1739c
 def strong_augment(d: torch.Tensor, c: torch.Tensor, generator: torch.Generator | None = None,

@@ -126,7 +126,6 @@ class PseudoLabelExplorer:
         self._lay_out()
         self.update()
 
-
 # %% ../nbs/16_explorer.ipynb #8d3a0bff
 @patch
 def _make_controls(self: PseudoLabelExplorer, threshold: float):
@@ -181,7 +180,6 @@ def _lay_out(self: PseudoLabelExplorer):
         w.observe(self._on_change, 'value')
     self.reset.on_click(lambda _: self.reset_summary())
 
-
 # %% ../nbs/16_explorer.ipynb #21122fe7
 @patch
 def _prepare(self: PseudoLabelExplorer, ds, k, own=False):
@@ -209,7 +207,6 @@ def _keys(self: PseudoLabelExplorer):
     tkey = (i, k, flip, flip and self.legacy)
     skey = (i, k, aug, int(self.seed.value) if aug else None, aug and self.legacy)
     return tkey, skey
-
 
 # %% ../nbs/16_explorer.ipynb #16c977d8
 @patch
@@ -262,7 +259,6 @@ def _run_student(self: PseudoLabelExplorer, s, aug, seed, legacy) -> dict:
     shown = (d_in[0] * 255 if legacy and aug else from_input(d_in)[0]).clamp(0, 255).round().byte().cpu()  # (3, H', W')
     return dict(input=shown, pred=out.fused_main.float().argmax(1)[0].cpu(), params=params)
 
-
 # %% ../nbs/16_explorer.ipynb #c94723e8
 @patch
 # ---- events
@@ -302,7 +298,6 @@ def update(self: PseudoLabelExplorer):
     self._busy(False, f'ready &middot; {html.escape(self.names[i])}, k={k} &middot; {how} &middot; '
                       f'network runs: teacher {self.calls["teacher"]}, student {self.calls["student"]}')
 
-
 # %% ../nbs/16_explorer.ipynb #6637a2b1
 @patch
 def _redraw(self: PseudoLabelExplorer, s, t, st):
@@ -340,7 +335,6 @@ def _redraw(self: PseudoLabelExplorer, s, t, st):
         v = png_bytes(_fit(img, self.panel_width, nearest=p not in ('d', 'b', 'student_input')))
         if self.panels[p].value != v: self.panels[p].value = v
     self.table.value = self._table_html()
-
 
 # %% ../nbs/16_explorer.ipynb #c1fdc44b
 @patch
@@ -391,7 +385,6 @@ def _legend_png(self: PseudoLabelExplorer) -> bytes:
     fig.savefig(buf, format='png', dpi=80, bbox_inches='tight', pad_inches=0.02)
     return buf.getvalue()
 
-
 # %% ../nbs/16_explorer.ipynb #574601f4
 @patch
 # ---- display
@@ -417,9 +410,7 @@ def from_config(cls: PseudoLabelExplorer, cfg, model_or_checkpoint, split: str =
     return cls(model_or_checkpoint, build_target(cfg, split, teacher=True), setting=setting_of(cfg),
                intervals=intervals, **kw)
 
-
 # %% ../nbs/16_explorer.ipynb #10797f42
 def _label_at(rgb: np.ndarray, hw) -> np.ndarray:
     "A colour map scaled to `hw` (H, W) with nearest neighbours."
     return rgb if rgb.shape[:2] == tuple(hw) else cv2.resize(rgb, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
-

@@ -217,7 +217,6 @@ def _raft_flow(ft: torch.Tensor, fp: torch.Tensor, model: torch.nn.Module, iters
     flow = model(prep(ft), prep(fp), num_flow_updates=iters)[-1]  # (B, 2, H+ph, W+pw)
     return flow[..., :H, :W].float().cpu()
 
-
 # %% ../nbs/03_flow.ipynb #7fc3b205
 def estimate_flow(frame_t, frame_prev, method: str = 'dis', preset: str = 'medium', weights=None,
                   device=None, iters: int = 12) -> torch.Tensor:
@@ -242,4 +241,3 @@ def estimate_flow_batch(frames_t, frames_prev, method: str = 'raft_small', prese
     model = load_raft(method, weights, device)
     return torch.cat([_raft_flow(frames_t[i:i + batch_size], frames_prev[i:i + batch_size], model, iters)
                       for i in range(0, len(frames_t), batch_size)])  # (B, 2, H, W)
-

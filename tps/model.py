@@ -104,7 +104,6 @@ def score_flow(flow: torch.Tensor, size, flow_scale: str = 'legacy') -> torch.Te
     flow = flow if flow.dtype == torch.float64 else flow.float()
     return resize_flow(flow, size, legacy=flow_scale == 'legacy')
 
-
 # %% ../nbs/05_model.ipynb #095a2fb8
 class TPSNet(nn.Module):
     "ACCEL DeepLab-v2: a dilated ResNet with ASPP-sum heads and flow-warped key-frame score fusion."
@@ -165,7 +164,6 @@ class TPSNet(nn.Module):
                 if isinstance(m, nn.BatchNorm2d): m.eval()
         return self
 
-
 # %% ../nbs/05_model.ipynb #885f27ec
 @patch
 def single(self: TPSNet, x: torch.Tensor):
@@ -195,8 +193,6 @@ def score_flow(self: TPSNet, flow: torch.Tensor, size) -> torch.Tensor:
     "A flow (B, 2, h', w') resized to the score size `size` (h, w) with the model's `flow_scale` (`score_flow`)."
     return score_flow(flow, size, self.flow_scale)
 
-
-
 # %% ../nbs/05_model.ipynb #67a0a59b
 @patch
 def forward(self: TPSNet, cf: torch.Tensor, kf: Optional[torch.Tensor], flow: torch.Tensor, kf_scores=None) -> FusionOutput:
@@ -216,7 +212,6 @@ def forward(self: TPSNet, cf: torch.Tensor, kf: Optional[torch.Tensor], flow: to
     fused_main = self.fuse(cf_main, kf_main, flow)
     fused_aux = self.fuse(cf_aux, kf_aux, flow) if self.multi_level else None
     return FusionOutput(fused_aux, fused_main, cf_aux, cf_main, kf_aux, kf_main)
-
 
 # %% ../nbs/05_model.ipynb #8aa98c90
 def score_size(H: int, W: int) -> tuple:
@@ -322,7 +317,6 @@ def load_checkpoint(net: TPSNet, path) -> dict:
     sd, name = read_state_dict(path, 'checkpoint')
     return _assign(_target(net), sd, name, 'a checkpoint', lambda k: k.endswith('num_batches_tracked'))
 
-
 # %% ../nbs/05_model.ipynb #eabbff29
 def load_imagenet_init(net: TPSNet, path) -> dict:
     "Load `DeepLab_resnet_pretrained_imagenet.pth` ('Scale.' prefix dropped, layer5/fc skipped) into the backbone."
@@ -355,7 +349,6 @@ def load_init(net: TPSNet, path) -> dict:
     if 'fc.weight' in sd or not any(k.startswith('layer6.') for k in sd):
         return load_torchvision_resnet(net, sd) | {'path': name}
     return load_checkpoint(net, sd) | {'path': name}
-
 
 # %% ../nbs/05_model.ipynb #f5db09d5
 def infer_model_kwargs(state_dict: dict) -> dict:

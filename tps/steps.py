@@ -104,7 +104,6 @@ def pseudo_label_stats(ctx: StepContext, pl: torch.Tensor, tgt: dict) -> dict:
     cm, dropped = pseudo_label_confusion(pl.detach(), tgt['label'], ctx.cfg.model.num_classes)
     return {'pl_confusion': cm, 'pl_dropped': dropped}
 
-
 # %% ../nbs/12_steps.ipynb #d8d3dad8
 def logged_terms(prefix: str, losses: dict) -> dict:
     "The scalar tensors of a loss dict, detached, as logged: `loss` becomes `prefix`, any other key `prefix_key`."
@@ -112,7 +111,6 @@ def logged_terms(prefix: str, losses: dict) -> dict:
             if torch.is_tensor(v) and v.ndim == 0}
 
 _terms = logged_terms   # the name step functions outside this module imported first
-
 
 # %% ../nbs/12_steps.ipynb #f7a0227a
 def class_mix(src: dict, tgt: dict, pl_main: torch.Tensor, pl_aux: torch.Tensor | None, generator: torch.Generator,

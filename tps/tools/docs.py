@@ -49,8 +49,6 @@ def write_readme(root=None, check: bool = False) -> int:
     if old != text: atomic_write(readme, text.encode())
     return 0
 
-
-
 # %% ../../nbs/24_tools.docs.ipynb #2e03a290
 RESULTS_OF = {'adapt': 'demo', 'qualitative': 'demo', 'calibration': 'calibration', 'gap_sweep': 'gap_sweep',
               'ablation': 'ablation', 'benchmark': 'benchmark'}
@@ -110,7 +108,6 @@ def page_anchors(md: str) -> list:
     walk(conv.toc_tokens)
     return list(dict.fromkeys(ids + re.findall(r'''\b(?:id|name)=["']([^"']+)["']''', html)))
 
-
 # %% ../../nbs/24_tools.docs.ipynb #e5bee07a
 def match_anchor(frag: str, ids) -> str | None:
     "The id of `ids` that the link fragment `frag` means: itself, else its Jupyter form (`Flow-warping`) slugged; else None."
@@ -140,7 +137,6 @@ def _legend_png(setting: str) -> bytes:
     lg = legend(setting, ncol=8)
     with tempfile.TemporaryDirectory() as d:
         return save_figure(lg.figure, Path(d) / 'l.png', dpi=90).read_bytes()
-
 
 # %% ../../nbs/24_tools.docs.ipynb #3d4eaeb0
 class _Site:
@@ -179,7 +175,6 @@ class _Site:
             else: return None
             return os.path.relpath(new, os.path.dirname(page) or '.').replace(os.sep, '/')
         return fn
-
 
 # %% ../../nbs/24_tools.docs.ipynb #2ba8a5e9
 def _notebook_page(site: _Site, nb: str):
@@ -226,7 +221,6 @@ def _write_pages(site: _Site):
         if new is None: site.bad_anchors.append(f'#{frag} in a link from {src} to {page}: no heading has that id')
         return '#' + new if new else ''
     for page, md in site.texts.items(): site.put(page, re.sub(f'#{_ANCHOR_TOKEN}(\\d+)x', resolve, md))
-
 
 # %% ../../nbs/24_tools.docs.ipynb #a7afc857
 def _api_pages(site: _Site) -> list:
@@ -278,7 +272,6 @@ def build_site(root=None, out=None, quiet: bool = True) -> Path:
     for b in dict.fromkeys(site.bad_anchors): print(f'warning: broken anchor dropped: {b}', file=sys.stderr)
     print(f'docs site built into {out} ({len(site.nb_pages)} notebooks, {len(nav_api)} API pages) in {time.time() - t0:.1f} s')
     return out
-
 
 # %% ../../nbs/24_tools.docs.ipynb #b82a107d
 def main(argv=None) -> int:

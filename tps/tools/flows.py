@@ -68,7 +68,6 @@ def _cityscapes_jobs(root: Path, split: str, intervals, list_file) -> list[FlowJ
             jobs.setdefault(name, FlowJob(img(c, s, t), img(c, s, p), name))
     return list(jobs.values())
 
-
 # %% ../../nbs/20_tools.flows.ipynb #379b10e8
 def _viper_jobs(root: Path, split: str, list_file) -> list[FlowJob]:
     img_dir = root / split / 'img'
@@ -109,7 +108,6 @@ def flow_jobs(dataset: str, root, split: str = 'train', interval=(1,), list_file
     if dataset == 'viper': return _viper_jobs(root, split, list_file)
     if dataset == 'synthia': return _synthia_jobs(root, list_file)
     raise ValueError(f"unknown dataset {dataset!r} (expected 'cityscapes', 'viper' or 'synthia')")
-
 
 # %% ../../nbs/20_tools.flows.ipynb #0b9d7488
 def _load_frame(path: Path, dataset: str, size) -> np.ndarray:
@@ -159,7 +157,6 @@ def _run_batch(jobs, out: Path, dataset: str, size, method, preset, overwrite, w
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
-
 # %% ../../nbs/20_tools.flows.ipynb #53922469
 def _die_with_parent(parent_pid: int | None = None) -> bool:
     "Linux: ask the kernel to SIGKILL this process when its parent dies; exit now if `parent_pid` is already gone. False elsewhere."
@@ -200,7 +197,6 @@ def _remove_stale_tmp(out: Path, age_s: float = 60.0) -> int:
             if p.stat().st_mtime < now - age_s: p.unlink(); n += 1
         except OSError: pass
     return n
-
 
 # %% ../../nbs/20_tools.flows.ipynb #4f206f2b
 def precompute_flows(jobs, out, dataset: str, size=None, method: str = 'dis', preset: str = 'medium', workers: int = 0,
@@ -264,7 +260,6 @@ def _parse_size(s: str, dataset: str):
     if not m: raise argparse.ArgumentTypeError(f"--size {s!r}: expected WxH (e.g. 1024x512), 'auto' or 'native'")
     return int(m[1]), int(m[2])
 
-
 # %% ../../nbs/20_tools.flows.ipynb #1999ad94
 def main(argv=None) -> int:
     "`tps-flow`: precompute every flow a dataset split needs into the published names (resumable)."
@@ -319,4 +314,3 @@ def main(argv=None) -> int:
           f"of {len(jobs)} flows in {time.time() - t0:.1f}s -> {out}")
     if r['interrupted']: return 128 + got.get('signum', signal.SIGINT)
     return 1 if r['failed'] else 0
-

@@ -146,7 +146,6 @@ def notebook_title(nb_path) -> str:
             if m: return m.group(1)
     return Path(nb_path).stem
 
-
 # %% ../../nbs/22_tools.pages.ipynb #a0e18de1
 def notebook_markdown(nb_path, root, target_fn, files_dir: str, broken: list | None = None,
                       documented: set | None = None, anchor_fn=None) -> tuple:
@@ -202,7 +201,6 @@ def _tidy(md: str) -> str:
     parts.append(re.sub(r'\n{3,}', '\n\n', re.sub(r'[ \t]+\n', '\n', md[pos:])))
     return ''.join(parts).strip() + '\n'
 
-
 # %% ../../nbs/22_tools.pages.ipynb #f2c4283b
 def _sig(obj, width: int = 88) -> str:
     "The signature of `obj`, string annotations evaluated where possible, one parameter a line when long."
@@ -243,7 +241,6 @@ def _attr_docs(module) -> dict:
             for t in (a.targets if isinstance(a, ast.Assign) else [a.target]):
                 if isinstance(t, ast.Name): out[t.id] = b.value.value
     return out
-
 
 # %% ../../nbs/22_tools.pages.ipynb #5dcf3b7d
 def symbol_markdown(obj, name: str, level: int = 2, doc: str | None = None, link: str | None = None) -> str:
@@ -302,7 +299,6 @@ def api_markdown(modname: str, nb_link=None, documented: set = frozenset()) -> s
                                    link=(f'Defined in {nb_link(n if n in documented else None)}.' if nb_link else None)))
     return '\n\n'.join(x for x in out if x) + '\n'
 
-
 # %% ../../nbs/22_tools.pages.ipynb #2c24fd1c
 def package_modules(lib: str = 'tps') -> list:
     "Dotted names of the package's modules (nbdev's `_modidx` and `__main__` left out), sorted."
@@ -312,4 +308,3 @@ def package_modules(lib: str = 'tps') -> list:
         if m.name.split('.')[-1] in ('_modidx', '__main__'): continue
         mods.append(m.name)
     return sorted(mods)
-

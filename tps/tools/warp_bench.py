@@ -67,7 +67,6 @@ def benchmark_warp(device='cpu', sizes=None, impls=('torch', 'grid_sample', 'cud
             del xr, fr
     return rows
 
-
 # %% ../../nbs/21_tools.warp_bench.ipynb #c1ec512d
 def format_benchmark(rows: list[dict]) -> str:
     "A fixed-width text table of `benchmark_warp` rows."
@@ -77,4 +76,3 @@ def format_benchmark(rows: list[dict]) -> str:
         lines.append(f"{r['impl']:<12}{r['pass_']:<9}{r['C']:>6}{r['H']:>6}{r['W']:>6}{r['ms']:>11.3f}{r['gb_s']:>9.2f}"
                      f"{r['frac_copy']:>9.1%}{r['speedup_vs_torch']:>9.2f}")
     return '\n'.join(lines)
-
