@@ -242,6 +242,7 @@ def test_precompute_killed_and_resumed_is_identical(tmp_path):
         assert _npys(out / 'train') == ref                             # byte-identical to the uninterrupted run
 
 
+@pytest.mark.slow   # flow / interpreter subprocesses
 def test_precompute_reports_failures(tmp_path):
     root = fake_cityscapes(tmp_path / 'city', seqs=2, frames=range(16, 20), size=(64, 48))
     (root / 'leftImg8bit_sequence' / 'train' / 'ulm' / 'ulm_000001_000017_leftImg8bit.png').unlink()
@@ -266,6 +267,7 @@ def test_main_in_process(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- the core does not load the tools
+@pytest.mark.slow   # flow / interpreter subprocesses
 def test_import_tps_loads_no_tools():
     "`import tps` (and tps.warp, tps.flow) loads no `tps.tools` module (tests/test_structure.py checks the imports statically)."
     code = 'import sys, tps, tps.warp, tps.flow; print(sorted(m for m in sys.modules if m.startswith("tps.tools")))'

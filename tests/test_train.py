@@ -309,6 +309,7 @@ def _compiled_run(smoke_config, tmp_path, monkeypatch, backend):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow   # torch.compile
 def test_compile_runs_two_iterations(smoke_config, tmp_path, monkeypatch):
     "train.compile=True compiles `single` (dynamic shapes) and trains; dynamo's tracing with the aot_eager backend."
     _compiled_run(smoke_config, tmp_path, monkeypatch, 'aot_eager')

@@ -168,6 +168,7 @@ def test_find_cuda_home_follows_wrapper(tmp_path, monkeypatch):
                                     '-gencode=arch=compute_90,code=compute_90']
 
 
+@pytest.mark.slow   # compiles the CUDA source
 @pytest.mark.timeout(1200)
 def test_cuda_source_compiles():
     "The kernel compiles with nvcc (no GPU needed); cached, so a rerun takes seconds."

@@ -96,7 +96,6 @@ class PseudoLabelExplorer:
     "Interactive view of TPS's cross-frame pseudo labels on a target dataset, for a network or checkpoint."
     def __init__(self, model_or_checkpoint, dataset, setting: str | None = None, device=None, intervals=None,
                  threshold: float = 0.0, panel_width: int = 256, cache_size: int = 32, **model_kw):
-        import ipywidgets as W
         self.net, _ = load_model(model_or_checkpoint, 'auto' if device is None else device, **model_kw)
         self.device = next(self.net.parameters()).device
         self._factory = dataset if callable(dataset) and not isinstance(dataset, torch.utils.data.Dataset) else None
