@@ -26,6 +26,9 @@ if ! git diff --quiet -- nbs/; then
   echo "FAIL: nbdev_clean changed notebooks:"; git diff --stat -- nbs/; exit 1
 fi
 
+echo "== no unused imports (ruff F401)"
+ruff check --select F401 tps tests
+
 echo "== README in sync with nbs/index.ipynb"
 python -m tps.tools.docs readme --check
 

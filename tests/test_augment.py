@@ -5,10 +5,11 @@ import pytest
 import torch
 from skimage.exposure import match_histograms as sk_match
 
-from tps.augment import (IMG_MEAN_BGR, to_input, from_input, match_histograms, draw_aug_params, scaled_size,
-                         strong_augment, legacy_augment_reference, flip_pair, gaussian_blur, blur_matrix, adjust_hue,
+from tps.augment import (to_input, from_input, match_histograms, draw_aug_params, scaled_size,
+                         strong_augment, flip_pair, gaussian_blur, blur_matrix, adjust_hue,
                          to_device_async)
 from tps.warp import flow_warp
+from oracles import legacy_augment_reference
 
 CUDA = torch.cuda.is_available()
 DEVICES = ['cpu'] + (['cuda'] if CUDA else [])

@@ -97,6 +97,7 @@ def test_fast_step_on_cuda():
     assert isinstance(n, int) and n >= 0
 
 
+@pytest.mark.slow   # papermill experiment run
 def test_benchmark_notebook_smoke(tmp_path):
     pm = pytest.importorskip('papermill')
     out = tmp_path / 'bench'

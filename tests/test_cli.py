@@ -253,6 +253,7 @@ def test_config_diff_prints_what_a_preset_changes():
     assert rc == 2 and '--diff' in err
 
 
+@pytest.mark.slow   # papermill demo
 def test_demo_command_runs_the_papermill_demo(monkeypatch):
     "`tps demo` hands its options to tps.experiments.run_demo (the main job, through papermill)."
     import tps.experiments, tps.cli

@@ -1,6 +1,4 @@
 "DA-VSN: the step's losses against an independent computation, where gradients flow, and exact resume with the discriminators."
-import json
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,7 +58,6 @@ def test_gradients_go_only_where_the_reference_sends_them():
     g_sf = net.sf_layer.weight.grad.clone()
     # the source loss alone gives the fusion conv the same (pre-clip) direction: the target terms never reach it
     net.zero_grad()
-    from tps.steps import source_loss
     so = net(to_input(src['d']), to_input(src['c']), src['flow_dc'])
     from tps.losses import seg_loss
     seg_loss(so.fused_main, so.fused_aux, src['label'])['loss'].backward()
@@ -69,6 +66,7 @@ def test_gradients_go_only_where_the_reference_sends_them():
     for n in DISCRIMINATORS: assert any(not torch.equal(x, y) for x, y in zip(before[n], ex[n].parameters())), n
 
 
+@pytest.mark.slow   # a training subprocess killed and resumed
 def test_resume_after_sigkill_is_exact_with_discriminators(smoke_config, tmp_path):
     "A DA-VSN run killed after its iteration-2 checkpoint and resumed ends with the uninterrupted run's network and discriminators."
     from tps.runs import load_training_checkpoint

@@ -5,6 +5,8 @@ import torch
 
 from tps.config import save_config
 
+pytestmark = pytest.mark.slow   # DDP subprocesses (torchrun, two nodes, SLURM)
+
 _SCRIPT = textwrap.dedent('''
     import os, sys, torch
     import tps.train as T

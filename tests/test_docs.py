@@ -1,7 +1,9 @@
 "The docs site: built by `python -m tps.tools.docs build`, every internal link (and anchor) checked by LinkChecker, pages loaded in headless Chromium."
-import functools, http.server, json, os, shutil, socket, stat, subprocess, sys, tempfile, threading, time
+import functools, http.server, json, os, shutil, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 import pytest
+
+pytestmark = pytest.mark.slow   # builds the docs site, checks links, loads pages in Chromium
 
 CHROMIUM = shutil.which('chromium') or '/usr/bin/chromium'
 CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',

@@ -31,6 +31,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow   # runs every README command
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ('data/README.md', 'README.md')         # data first: its commands write the flows the README's runs read
 SHELL = ('sh', 'bash')

@@ -22,7 +22,7 @@ def _cityscapes_eval(pairs):
 
 @pytest.mark.parametrize('setting', ['synthia', 'viper'])
 def test_matches_cityscapesscripts(tmp_path, setting):
-    from cityscapesscripts.helpers.labels import labels, name2label
+    from cityscapesscripts.helpers.labels import labels
     from tps.data.core import CITYSCAPES_TO_TRAIN, make_lut
     C = len(CLASS_NAMES[setting])
     t2l = train_to_label_ids(setting)

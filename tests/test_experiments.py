@@ -1,11 +1,11 @@
 "Papermill runs of the experiment notebooks at smoke size, their outputs, and clear failures on bad parameters."
-import json, subprocess, sys
+import json
 from pathlib import Path
 import pytest
 
 pm = pytest.importorskip('papermill')
 from tps.experiments import run_notebook, notebooks_dir
-from tps.results import parse_table_miou, METHOD_NAMES
+from tps.results import parse_table_miou
 
 NB = notebooks_dir()
 TINY = {'data.source_size': [80, 48], 'data.target_size': [64, 32], 'eval.input_size': [64, 32],
@@ -32,6 +32,7 @@ def adapt_run(tiny_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow   # papermill experiment runs
 def test_adapt_outputs(adapt_run):
     out = adapt_run
     for f in ('adapt.ipynb', 'results.json', 'results.md', 'results.csv', 'figures/t_curves.png', 'figures/t_per_class.png'):
@@ -71,6 +72,7 @@ def test_adapt_outputs(adapt_run):
     assert len(list((out/'runs').glob('tps_from_oracle_s*/*/done.json'))) == 2
 
 
+@pytest.mark.slow   # papermill experiment runs
 def test_qualitative(adapt_run):
     out = adapt_run
     run_notebook(NB/'qualitative.ipynb', out/'qualitative.ipynb', stream=False, parameters=dict(
@@ -111,6 +113,7 @@ def test_bad_method_fails_clearly(tmp_path, tiny_data):
 def _quiet(*a, **k): pass
 
 
+@pytest.mark.slow   # papermill experiment runs
 def test_finished_runs_are_reused(tiny_data, tmp_path):
     from tps.config import experiment_config
     from tps.experiments import run_methods
@@ -133,6 +136,7 @@ def test_finished_runs_are_reused(tiny_data, tmp_path):
     assert [r['run_dir'] for r in e] == [a[0]['run_dir'], a[2]['run_dir']]   # the older finished runs
 
 
+@pytest.mark.slow   # papermill experiment runs
 def test_reuse_sees_regenerated_data(tmp_path):
     "Same path, other generator parameters: the data digest differs, so nothing is reused."
     from tps.config import experiment_config
@@ -157,6 +161,7 @@ TINY_GEN = dict(size=(64, 32), source_size=(80, 48), snippets=3, val_snippets=2,
 TINY_ITERS = {'warmup': 2, 'source_only': 2, 'davsn': 2, 'pixmatch': 2, 'tps': 2, 'oracle': 2}
 
 
+@pytest.mark.slow   # papermill experiment runs
 def test_calibration_notebook(tmp_path):
     setting = lambda name: {'name': name, 'why': 'test', 'data': TINY_GEN, 'overrides': TINY, 'iters': TINY_ITERS}
     run_notebook(NB/'calibration.ipynb', tmp_path/'calibration.ipynb', stream=False, parameters=dict(
@@ -171,6 +176,7 @@ def test_calibration_notebook(tmp_path):
     assert (tmp_path/'figures'/'calibration.png').is_file() and (tmp_path/'calibration.md').read_text().count('\n') == 4
 
 
+@pytest.mark.slow   # papermill experiment runs
 def test_gap_sweep_notebook(tmp_path):
     run_notebook(NB/'gap_sweep.ipynb', tmp_path/'gap_sweep.ipynb', stream=False, parameters=dict(
         SHIFTS=[0.0, 1.0], METHODS=['source_only', 'tps'], SEEDS=[0], DATA=TINY_GEN, OVERRIDES=TINY, ITERS=TINY_ITERS,
@@ -185,6 +191,7 @@ def test_gap_sweep_notebook(tmp_path):
     assert (tmp_path/'figures'/'gap_sweep.png').is_file()
 
 
+@pytest.mark.slow   # papermill experiment runs
 def test_ablation_notebook(tmp_path):
     run_notebook(NB/'ablation.ipynb', tmp_path/'ablation.ipynb', stream=False, parameters=dict(
         VARIANTS={'tps': {}, '+ema': {'train.teacher': 'ema'}}, SELECT_SEEDS=[0, 1], HOLDOUT=1, CHECK_SEEDS=[2],
@@ -199,6 +206,7 @@ def test_ablation_notebook(tmp_path):
     assert (tmp_path/'data'/'seed_3'/'synthetic.json').is_file()
 
 
+@pytest.mark.slow   # papermill experiment runs
 def test_run_demo_records_seeds_and_data_seed(tmp_path):
     "`tps demo --seeds 3 --data-seed 7` (through run_demo): the benchmark of seed 7, the rows of seed 3, both in results.json; everything under --out."
     from tps.experiments import run_demo

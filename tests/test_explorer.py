@@ -1,17 +1,16 @@
 "tps.explorer without a browser: controls drive panels, the network runs only on new keys, pseudo labels and metrics equal a direct computation."
-from pathlib import Path
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tps.augment import to_input, flip_pair, strong_augment
+from tps.augment import to_input, flip_pair
 from tps.config import get_preset, apply_overrides, config_to_dict
 from tps.data import CityscapesSeq
 from tps.data.synthetic import make_synthetic
 from tps.metrics import confusion_matrix, per_class_iou, mean_iou
 from tps.config import IGNORE
-from tps.losses import cross_frame_pseudo_labels
+from tps.teacher import cross_frame_pseudo_labels
 from tps.model import TPSNet, CheckpointError, infer_model_kwargs
 from tps.runs import load_model
 from tps.explorer import PseudoLabelExplorer, PANELS, sample_names

@@ -11,7 +11,7 @@ ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--d
         '--no-first-run', '--disable-sync', '--disable-dev-shm-usage']
 SIZE = (128, 64)
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]   # slow: JupyterLab and headless Chromium
 
 
 def _free_port() -> int:

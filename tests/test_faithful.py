@@ -1,12 +1,11 @@
 "The faithful presets' switches each change exactly what they name: optimiser multiplicities, pass order, float histogram matching, augmentation keys, the ImageNet requirement."
 from collections import Counter
-import warnings
 import numpy as np
 import pytest
 import torch
 
 from tps.config import get_preset, apply_overrides, ConfigError, FAITHFUL
-from tps.model import TPSNet, param_groups
+from tps.model import TPSNet
 from tps.augment import to_input, match_histograms
 from tps.steps import StepContext, step_tps, random_batches
 from tps.train import build_optimizer, set_lr, train

@@ -463,6 +463,7 @@ def test_eval_results_of_two_checkpoints_and_splits_do_not_overwrite(run_copy):
                             'results_iter_0000001_val.md', 'results_iter_0000002_val.csv', 'results_iter_0000002_val.md']
 
 
+@pytest.mark.slow   # training subprocesses / the demo
 def test_demo_writes_figures_and_results_under_out(data_copy, tmp_path, monkeypatch):
     "run_demo hands the notebooks folders under --out (or --figures / --results), never the repository's figures/."
     import tps.experiments as E
@@ -494,6 +495,7 @@ def test_demo_writes_figures_and_results_under_out(data_copy, tmp_path, monkeypa
     assert hashes(REPO/'figures') == repo_figs
 
 
+@pytest.mark.slow   # training subprocesses / the demo
 def test_demo_on_a_foreign_benchmark_names_the_way_out(data_copy, monkeypatch):
     "`tps demo --data D` where D holds a benchmark of other options: no --overwrite to suggest, but --data or deleting D; D untouched."
     monkeypatch.delenv('TPS_SMOKE', raising=False)
@@ -548,6 +550,7 @@ def _same_as_reference(run_dir, ref):
     assert (run_dir/'done.json').exists() and not tmp_files(run_dir)
 
 
+@pytest.mark.slow   # training subprocesses / the demo
 def test_sigkill_at_a_random_iteration_then_the_printed_resume_command(smoke_data, reference_run, tmp_path):
     kill_after = random.Random(18).randint(SAVE_EVERY + 1, ITERS - 1)      # fixed seed: reproducible, after a checkpoint
     run = tmp_path/'run'
@@ -569,6 +572,7 @@ def test_sigkill_at_a_random_iteration_then_the_printed_resume_command(smoke_dat
     assert len(resumes) == 1 and resumes[0]['from_iter'] % SAVE_EVERY == 0 and SAVE_EVERY <= resumes[0]['from_iter'] < ITERS
 
 
+@pytest.mark.slow   # training subprocesses / the demo
 def test_ctrl_c_writes_a_checkpoint_and_prints_the_resume_command(smoke_data, reference_run, tmp_path):
     stop_after = random.Random(1818).randint(1, ITERS - 2)
     run = tmp_path/'run'
@@ -614,6 +618,7 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError): return False
 
 
+@pytest.mark.slow   # training subprocesses / the demo
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='PR_SET_PDEATHSIG is Linux only')
 def test_flow_workers_die_with_their_parent(smoke_data, tmp_path):
     out = tmp_path/'flows'

@@ -1,5 +1,5 @@
 "Flow files, names and estimators (tps.flow), and the resumable `tps-flow` precompute command (tps.tools.flows)."
-import os, signal, subprocess, sys, time
+import signal, subprocess, sys, time
 from pathlib import Path
 import cv2, numpy as np, pytest, torch
 from tps.flow import (FlowFileError, read_flow, write_flow, flow_name, flow_path, estimate_flow, estimate_flow_batch,
@@ -203,6 +203,7 @@ def _npys(d):
     return {p.name: p.read_bytes() for p in sorted(Path(d).glob('*_int16_x10.npy'))}
 
 
+@pytest.mark.slow   # flow subprocesses killed and resumed
 def test_precompute_killed_and_resumed_is_identical(tmp_path):
     root = fake_cityscapes(tmp_path / 'city', seqs=6)
     common = ['--dataset', 'cityscapes', '--root', str(root), '--split', 'train', '--interval', '1', '2', '3', '4', '5',
@@ -241,6 +242,7 @@ def test_precompute_killed_and_resumed_is_identical(tmp_path):
         assert _npys(out / 'train') == ref                             # byte-identical to the uninterrupted run
 
 
+@pytest.mark.slow   # flow / interpreter subprocesses
 def test_precompute_reports_failures(tmp_path):
     root = fake_cityscapes(tmp_path / 'city', seqs=2, frames=range(16, 20), size=(64, 48))
     (root / 'leftImg8bit_sequence' / 'train' / 'ulm' / 'ulm_000001_000017_leftImg8bit.png').unlink()
@@ -265,6 +267,7 @@ def test_main_in_process(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- the core does not load the tools
+@pytest.mark.slow   # flow / interpreter subprocesses
 def test_import_tps_loads_no_tools():
     "`import tps` (and tps.warp, tps.flow) loads no `tps.tools` module (tests/test_structure.py checks the imports statically)."
     code = 'import sys, tps, tps.warp, tps.flow; print(sorted(m for m in sys.modules if m.startswith("tps.tools")))'

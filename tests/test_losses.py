@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tps.losses import FUSION_FIELDS, masked_ce, seg_loss, cross_frame_pseudo_labels, apply_threshold, tps_loss
+from tps.losses import FUSION_FIELDS, masked_ce, seg_loss, tps_loss
+from tps.teacher import cross_frame_pseudo_labels, apply_threshold
 
 CUDA = torch.cuda.is_available()
 FO = namedtuple('FO', FUSION_FIELDS)

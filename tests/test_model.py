@@ -1,6 +1,5 @@
 "The two-frame ACCEL DeepLab-v2 model: architecture against the method notes (nbs/method.ipynb, the model), fusion, gradients, loaders, bf16/compile."
 import copy
-from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
@@ -76,6 +75,7 @@ def test_architecture_details():
     assert all(not p.requires_grad for m in net.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
 
 # ---------------------------------------------------------------- shapes
+@pytest.mark.slow   # the paper's ResNet-101 at full resolution
 def test_shape_r101_1024x512():
     torch.manual_seed(0)
     net = TPSNet('resnet101', 15).eval()
@@ -260,6 +260,7 @@ def test_bf16_autocast_channels_last():
     out.fused_main.float().mean().backward()
     assert net.layer6.conv2d_list[0].weight.grad is not None
 
+@pytest.mark.slow   # torch.compile on a CPU: minutes
 @pytest.mark.timeout(300)
 def test_torch_compile_cpu():
     torch.manual_seed(0)

@@ -1,9 +1,8 @@
 "The switches beyond the paper (EMA teacher, pseudo-label quality weight): formulas, equality with TPS where they must agree, exact resume, and the paper presets untouched."
-import copy
 import pytest
 import torch
 
-from tps.config import get_preset, apply_overrides, PRESETS
+from tps.config import get_preset, apply_overrides
 
 
 @pytest.fixture(autouse=True)
@@ -54,23 +53,30 @@ def test_ema_teacher_at_iteration_zero_is_the_student():
 
 
 def test_ema_teacher_differs_later_and_follows_the_formula():
-    from tps.steps import teacher_net, StepContext
+    "`teacher_of` only names the teacher; `update_teacher` moves it (the step calls it first)."
+    from tps.steps import teacher_of, update_teacher, StepContext
     from tps.model import build_model
     from tps.teacher import make_ema_teacher
     cfg = _smoke(**{'train.teacher': 'ema', 'train.ema_alpha': 0.9})
     net = build_model(cfg.model)
     teacher = make_ema_teacher(cfg.model)
     ctx = StepContext(net, cfg, torch.Generator(), torch.device('cpu'), extras={'ema_teacher': teacher})
-    ctx.it = 0; assert teacher_net(ctx) is teacher
+    before = [p.clone() for p in teacher.parameters()]
+    assert teacher_of(ctx) is teacher                              # no side effect: the weights are untouched
+    assert all(torch.equal(p, q) for p, q in zip(before, teacher.parameters()))
+    ctx.it = 0; assert update_teacher(ctx) == 0.0
     assert all(torch.equal(p, q) for p, q in zip(teacher.parameters(), net.parameters()))
     before = [p.clone() for p in teacher.parameters()]
     with torch.no_grad():
         for p in net.parameters(): p.add_(1.0)
-    ctx.it = 50; teacher_net(ctx)                                  # a = min(1 - 1/51, 0.9) = 0.9
+    ctx.it = 50; update_teacher(ctx)                               # a = min(1 - 1/51, 0.9) = 0.9
     for b, t, s in zip(before, teacher.parameters(), net.parameters()):
         assert torch.allclose(t, 0.9 * b + 0.1 * s, atol=1e-6)
     ctx.extras = {}
-    with pytest.raises(KeyError, match='ema_teacher'): teacher_net(ctx)
+    with pytest.raises(KeyError, match='ema_teacher'): teacher_of(ctx)
+    with pytest.raises(KeyError, match='ema_teacher'): update_teacher(ctx)
+    self_ctx = StepContext(net, _smoke(), torch.Generator(), torch.device('cpu'))
+    assert teacher_of(self_ctx) is net and update_teacher(self_ctx) is None
 
 
 def test_quality_weight_enters_the_loss():
@@ -89,7 +95,7 @@ def test_quality_weight_enters_the_loss():
 
 
 def test_quality_weight_independent_computation():
-    from tps.losses import quality_weight
+    from tps.teacher import quality_weight
     g = torch.Generator().manual_seed(0)
     lab = torch.randint(0, 5, (3, 7, 9), generator=g); lab[0, :2] = 255
     conf = torch.rand(3, 7, 9, generator=g)

@@ -1,6 +1,6 @@
 """The synthetic benchmark: CLI, file layout and names, class ids, flow files, determinism, flow exactness, the
 domain-shift strength, held-out source sequences, object statistics and class frequencies."""
-import dataclasses, hashlib, json, math, os, re, shutil, subprocess, sys
+import dataclasses, hashlib, json, math, re, shutil, subprocess, sys
 from pathlib import Path
 import cv2
 import numpy as np

@@ -1,6 +1,5 @@
 "Training: lr schedule per group (both modes), every method runs, the loop equals a plain loop, checkpoint pruning, NaN stop, exact resume after SIGKILL."
 import json, os, random, subprocess, sys, textwrap
-from pathlib import Path
 import numpy as np
 import pytest
 import torch
@@ -113,6 +112,7 @@ def _child(cfg, run, kill_at, tmp_path):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow   # a training subprocess killed and resumed
 def test_resume_after_sigkill_is_exact(smoke_config, tmp_path):
     "A run SIGKILLed right after its iteration-2 checkpoint and resumed ends with the uninterrupted run's weights."
     from tps.train import load_training_checkpoint
@@ -327,6 +327,7 @@ def _compiled_run(smoke_config, tmp_path, monkeypatch, backend):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow   # torch.compile
 def test_compile_runs_two_iterations(smoke_config, tmp_path, monkeypatch):
     "train.compile=True compiles `single` (dynamic shapes) and trains; dynamo's tracing with the aot_eager backend."
     _compiled_run(smoke_config, tmp_path, monkeypatch, 'aot_eager')

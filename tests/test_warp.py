@@ -1,5 +1,5 @@
 "Tests of tps.warp: the reference warp against a loop transcription of the warp formula, gradients, errors, resize_flow, the CUDA source and build, (on a GPU) the CUDA kernel, and the benchmark tool tps.tools.warp_bench."
-import math, os, stat, time, warnings
+import math, os, time, warnings
 import numpy as np
 import pytest
 import torch
@@ -168,6 +168,7 @@ def test_find_cuda_home_follows_wrapper(tmp_path, monkeypatch):
                                     '-gencode=arch=compute_90,code=compute_90']
 
 
+@pytest.mark.slow   # compiles the CUDA source
 @pytest.mark.timeout(1200)
 def test_cuda_source_compiles():
     "The kernel compiles with nvcc (no GPU needed); cached, so a rerun takes seconds."

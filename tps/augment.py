@@ -12,7 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 # %% auto #0
 __all__ = ['IMG_MEAN_BGR', 'to_device_async', 'to_input', 'from_input', 'match_histograms', 'draw_aug_params', 'scaled_size',
-           'blur_matrix', 'gaussian_blur', 'adjust_hue', 'legacy_augment_reference', 'strong_augment', 'flip_pair']
+           'blur_matrix', 'gaussian_blur', 'adjust_hue', 'strong_augment', 'flip_pair']
 
 # %% ../nbs/06_augment.ipynb #6c6d7372
 IMG_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
@@ -148,7 +148,7 @@ def scaled_size(h: int, w: int, r: float) -> tuple:
     "The rescaled size `(round(h r / 8) * 8, round(w r / 8) * 8)` (torch order)."
     return (round(h * r / 8) * 8, round(w * r / 8) * 8)
 
-# %% ../nbs/06_augment.ipynb #a4bca567
+# %% ../nbs/06_augment.ipynb #9482e426
 def _gauss_kernel(sigma: float) -> torch.Tensor:
     "Normalised 1-D Gaussian (K,) float32, K = 2 ceil(3 sigma) + 1."
     half = math.ceil(3 * sigma)
@@ -200,6 +200,7 @@ def adjust_hue(x: torch.Tensor, hue_factor: float) -> torch.Tensor:
 _JITTER = {0: ('brightness', TF.adjust_brightness), 1: ('contrast', TF.adjust_contrast),
            2: ('saturation', TF.adjust_saturation), 3: ('hue', adjust_hue)}
 
+# %% ../nbs/06_augment.ipynb #fef035d0
 def _augment_pair(pair, p, i):
     "Photometric augmentation of one pair (2,3,H,W) float in [0,1] with draw `i` of params `p`."
     H = pair.shape[2]
@@ -235,30 +236,6 @@ def _legacy_pil_pair(x, p, i):
                 img = Image.merge('HSV', (h, s, v)).convert('RGB')
     if p['gray'][i]: img = Image.merge('RGB', [img.convert('L')] * 3)
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
-
-def legacy_augment_reference(d_in: torch.Tensor, c_in: torch.Tensor, params: dict, rescale: bool = True):
-    "The reference's strong augmentation with torchvision transforms on the CPU, for normalised inputs (B,3,H,W)."
-    import torchvision.transforms.functional as TVF
-    from PIL import ImageFilter
-    outs = []
-    for i in range(d_in.shape[0]):
-        cat = torch.cat((d_in[i:i + 1].cpu(), c_in[i:i + 1].cpu()), 2)  # (1, 3, 2H, W), as the reference
-        img = TVF.to_pil_image(torch.squeeze(cat))
-        if params['blur'][i]: img = img.filter(ImageFilter.GaussianBlur(radius=params['radius'][i]))
-        if params['jitter'][i]:
-            for f in params['order'][i]:
-                name = _JITTER[f][0]
-                img = getattr(TVF, f'adjust_{name}')(img, params[name][i])
-        if params['gray'][i]: img = TVF.rgb_to_grayscale(img, num_output_channels=3)
-        outs.append(TVF.to_tensor(img)[None])
-    st = torch.cat(outs)  # (B, 3, 2H, W)
-    H, W = d_in.shape[2:]
-    d, c = st[:, :, :H], st[:, :, H:]
-    if rescale:
-        size = scaled_size(H, W, params['scale'])
-        d = F.interpolate(d, size=size, mode='bilinear', align_corners=True)
-        c = F.interpolate(c, size=size, mode='bilinear', align_corners=True)
-    return d, c
 
 # %% ../nbs/06_augment.ipynb #17e1739c
 def strong_augment(d: torch.Tensor, c: torch.Tensor, generator: torch.Generator | None = None,

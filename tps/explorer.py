@@ -6,14 +6,14 @@
 from __future__ import annotations
 import copy, html, io, time
 from collections import OrderedDict
-from pathlib import Path
 import numpy as np
 import cv2
 import torch
 import torch.nn.functional as F
 from .config import CLASS_NAMES, IGNORE
 from .augment import to_input, from_input, strong_augment
-from .losses import apply_threshold
+from .teacher import apply_threshold
+from fastcore.basics import patch
 from .teacher import pseudo_labels
 from .flow import flow_to_color
 from .metrics import pseudo_label_metrics, pseudo_label_scores
@@ -80,7 +80,7 @@ def _fmt(v, pct=True) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)): return '–'
     return f'{100 * v:.1f}' if pct else f'{int(v):,}'
 
-# %% ../nbs/16_explorer.ipynb #0e5673e7
+# %% ../nbs/16_explorer.ipynb #976b738b
 PANELS = ('d', 'b', 'flow_db', 'teacher_b', 'pseudo_label', 'confidence', 'ground_truth', 'errors',
           'student_input', 'student')
 "Panel names, in display order."
@@ -96,7 +96,6 @@ class PseudoLabelExplorer:
     "Interactive view of TPS's cross-frame pseudo labels on a target dataset, for a network or checkpoint."
     def __init__(self, model_or_checkpoint, dataset, setting: str | None = None, device=None, intervals=None,
                  threshold: float = 0.0, panel_width: int = 256, cache_size: int = 32, **model_kw):
-        import ipywidgets as W
         self.net, _ = load_model(model_or_checkpoint, 'auto' if device is None else device, **model_kw)
         self.device = next(self.net.parameters()).device
         self._factory = dataset if callable(dataset) and not isinstance(dataset, torch.utils.data.Dataset) else None
@@ -122,257 +121,295 @@ class PseudoLabelExplorer:
         self._samples, self._teacher, self._student = OrderedDict(), OrderedDict(), OrderedDict()
         self.visited, self.current, self.images = {}, {}, {}
         self._syncing, self.error = False, None
-
-        lay = W.Layout(width='auto')
-        self.sample = W.IntSlider(0, 0, len(self.names) - 1, description='sample', continuous_update=False)
-        labels = [f'{i}: {n}' for i, n in enumerate(self.names)]
-        self.name = W.Dropdown(options=list(zip(labels, range(len(labels)))), value=0, description='name',
-                               layout=W.Layout(width='420px'))
-        self.interval = W.Dropdown(options=list(self.intervals), value=self.intervals[0], description='interval k',
-                                   disabled=len(self.intervals) < 2, layout=W.Layout(width='160px'))
-        self.flip = W.Checkbox(False, description='flip teacher pair', indent=False, layout=lay)
-        self.threshold = W.FloatSlider(float(threshold), min=0.0, max=1.0, step=0.05, description='threshold',
-                                       continuous_update=False, readout_format='.2f')
-        self.augment = W.Checkbox(True, description='strong augmentation', indent=False, layout=lay)
-        self.seed = W.BoundedIntText(0, min=0, max=2 ** 31 - 1, description='seed', layout=W.Layout(width='160px'))
-        self.mode = W.ToggleButtons(options=['correct', 'legacy'], value='correct', description='mode',
-                                    tooltips=['corrected flip handling and augmentation',
-                                              'the reference implementation: flow u not negated on flip, '
-                                              'labels flipped after the warp, wrapped augmentation input'],
-                                    style={'button_width': '70px', 'description_width': 'initial'})
-        self.view = W.ToggleButtons(options=['overlay', 'labels'], value='overlay', description='view',
-                                    style={'button_width': '70px', 'description_width': 'initial'})
-        self.reset = W.Button(description='reset summary', layout=W.Layout(width='130px'))
-        self.status = W.HTML('')
-        self.table = W.HTML('')
-        self.panels = {p: W.Image(format='png', layout=W.Layout(width=f'{self.panel_width}px')) for p in PANELS}
-        self.legend = W.Image(value=self._legend_png(), format='png')
-        boxes = []
-        for p in PANELS:
-            self.panels[p].add_class(f'tps-panel-{p}')
-            boxes.append(W.VBox([W.HTML(f'<b style="font-size:12px">{_TITLES[p]}</b>'), self.panels[p]]))
-        for w, c in ((self.sample, 'sample'), (self.name, 'name'), (self.interval, 'interval'), (self.flip, 'flip'),
-                     (self.threshold, 'threshold'), (self.augment, 'augment'), (self.seed, 'seed'),
-                     (self.mode, 'mode'), (self.view, 'view'), (self.status, 'status'), (self.table, 'table'),
-                     (self.reset, 'reset')):
-            w.add_class(f'tps-{c}')
-        controls = W.VBox([W.HBox([self.sample, self.name, self.interval]),
-                           W.HBox([self.threshold, self.flip, self.augment, self.seed]),
-                           W.HBox([self.mode, self.view, self.reset]), self.status])
-        grid = W.GridBox(boxes, layout=W.Layout(grid_template_columns=f'repeat(4, {self.panel_width + 8}px)'))
-        self.widget = W.VBox([controls, grid, W.HTML(_CAPTION), self.legend, self.table])
-        self.widget.add_class('tps-explorer')
-        for w in (self.sample, self.name, self.interval, self.flip, self.threshold, self.augment, self.seed,
-                  self.mode, self.view):
-            w.observe(self._on_change, 'value')
-        self.reset.on_click(lambda _: self.reset_summary())
+        self._make_controls(threshold)
+        self._lay_out()
         self.update()
 
-    def _prepare(self, ds, k, own=False):
-        "The dataset for interval `k`, loading the teacher frames (b, a and their flows)."
-        attrs = {'teacher': True} if _base_attr(ds, 'teacher') is False else {}
-        if not own and _base_attr(ds, 'interval') is not None and _base_attr(ds, 'interval') != k: attrs['interval'] = k
-        return _with_attrs(ds, **attrs) if attrs else ds
+# %% ../nbs/16_explorer.ipynb #8d3a0bff
+@patch
+def _make_controls(self: PseudoLabelExplorer, threshold: float):
+    "The control widgets, the panels and the legend."
+    import ipywidgets as W
+    lay = W.Layout(width='auto')
+    self.sample = W.IntSlider(0, 0, len(self.names) - 1, description='sample', continuous_update=False)
+    labels = [f'{i}: {n}' for i, n in enumerate(self.names)]
+    self.name = W.Dropdown(options=list(zip(labels, range(len(labels)))), value=0, description='name',
+                           layout=W.Layout(width='420px'))
+    self.interval = W.Dropdown(options=list(self.intervals), value=self.intervals[0], description='interval k',
+                               disabled=len(self.intervals) < 2, layout=W.Layout(width='160px'))
+    self.flip = W.Checkbox(False, description='flip teacher pair', indent=False, layout=lay)
+    self.threshold = W.FloatSlider(float(threshold), min=0.0, max=1.0, step=0.05, description='threshold',
+                                   continuous_update=False, readout_format='.2f')
+    self.augment = W.Checkbox(True, description='strong augmentation', indent=False, layout=lay)
+    self.seed = W.BoundedIntText(0, min=0, max=2 ** 31 - 1, description='seed', layout=W.Layout(width='160px'))
+    self.mode = W.ToggleButtons(options=['correct', 'legacy'], value='correct', description='mode',
+                                tooltips=['corrected flip handling and augmentation',
+                                          'the reference implementation: flow u not negated on flip, '
+                                          'labels flipped after the warp, wrapped augmentation input'],
+                                style={'button_width': '70px', 'description_width': 'initial'})
+    self.view = W.ToggleButtons(options=['overlay', 'labels'], value='overlay', description='view',
+                                style={'button_width': '70px', 'description_width': 'initial'})
+    self.reset = W.Button(description='reset summary', layout=W.Layout(width='130px'))
+    self.status = W.HTML('')
+    self.table = W.HTML('')
+    self.panels = {p: W.Image(format='png', layout=W.Layout(width=f'{self.panel_width}px')) for p in PANELS}
+    self.legend = W.Image(value=self._legend_png(), format='png')
 
-    def dataset(self, k: int | None = None):
-        "The dataset of interval `k` (default: the selected one)."
-        k = self.interval.value if k is None else int(k)
-        if k not in self._datasets:
-            self._datasets[k] = self._prepare(self._factory(k), k, own=True) if self._factory else self._prepare(self._base, k)
-        return self._datasets[k]
+@patch
+def _lay_out(self: PseudoLabelExplorer):
+    "Panels in a grid under the controls; CSS classes for the browser test; the controls observed."
+    import ipywidgets as W
+    boxes = []
+    for p in PANELS:
+        self.panels[p].add_class(f'tps-panel-{p}')
+        boxes.append(W.VBox([W.HTML(f'<b style="font-size:12px">{_TITLES[p]}</b>'), self.panels[p]]))
+    for w, c in ((self.sample, 'sample'), (self.name, 'name'), (self.interval, 'interval'), (self.flip, 'flip'),
+                 (self.threshold, 'threshold'), (self.augment, 'augment'), (self.seed, 'seed'),
+                 (self.mode, 'mode'), (self.view, 'view'), (self.status, 'status'), (self.table, 'table'),
+                 (self.reset, 'reset')):
+        w.add_class(f'tps-{c}')
+    controls = W.VBox([W.HBox([self.sample, self.name, self.interval]),
+                       W.HBox([self.threshold, self.flip, self.augment, self.seed]),
+                       W.HBox([self.mode, self.view, self.reset]), self.status])
+    grid = W.GridBox(boxes, layout=W.Layout(grid_template_columns=f'repeat(4, {self.panel_width + 8}px)'))
+    self.widget = W.VBox([controls, grid, W.HTML(_CAPTION), self.legend, self.table])
+    self.widget.add_class('tps-explorer')
+    for w in (self.sample, self.name, self.interval, self.flip, self.threshold, self.augment, self.seed,
+              self.mode, self.view):
+        w.observe(self._on_change, 'value')
+    self.reset.on_click(lambda _: self.reset_summary())
 
-    # ---- state and caches
-    @property
-    def legacy(self) -> bool: return self.mode.value == 'legacy'
+# %% ../nbs/16_explorer.ipynb #21122fe7
+@patch
+def _prepare(self: PseudoLabelExplorer, ds, k, own=False):
+    "The dataset for interval `k`, loading the teacher frames (b, a and their flows)."
+    attrs = {'teacher': True} if _base_attr(ds, 'teacher') is False else {}
+    if not own and _base_attr(ds, 'interval') is not None and _base_attr(ds, 'interval') != k: attrs['interval'] = k
+    return _with_attrs(ds, **attrs) if attrs else ds
 
-    def _keys(self):
-        i, k = self.sample.value, self.interval.value
-        flip, aug = bool(self.flip.value), bool(self.augment.value)
-        tkey = (i, k, flip, flip and self.legacy)
-        skey = (i, k, aug, int(self.seed.value) if aug else None, aug and self.legacy)
-        return tkey, skey
+@patch
+def dataset(self: PseudoLabelExplorer, k: int | None = None):
+    "The dataset of interval `k` (default: the selected one)."
+    k = self.interval.value if k is None else int(k)
+    if k not in self._datasets:
+        self._datasets[k] = self._prepare(self._factory(k), k, own=True) if self._factory else self._prepare(self._base, k)
+    return self._datasets[k]
 
-    def _cached(self, cache, key, fn):
-        if key in cache:
-            cache.move_to_end(key)
-            return cache[key]
-        cache[key] = v = fn()
-        while len(cache) > self.cache_size: cache.popitem(last=False)
-        return v
+@patch(as_prop=True)
+# ---- state and caches
+def legacy(self: PseudoLabelExplorer) -> bool: return self.mode.value == 'legacy'
 
-    def _load(self, i, k) -> dict:
-        def load():
-            s = self.dataset(k)[i]
-            missing = [n for n in ('d', 'c', 'b', 'a', 'flow_dc', 'flow_db', 'flow_ba') if n not in s]
-            if missing: raise KeyError(f"sample {i} ({s.get('name', '?')}) lacks {missing}: expected a target dataset sample")
-            return {n: (v[None].to(self.device) if torch.is_tensor(v) and n != 'label' else v) for n, v in s.items()}
-        return self._cached(self._samples, (i, k), load)
+@patch
+def _keys(self: PseudoLabelExplorer):
+    i, k = self.sample.value, self.interval.value
+    flip, aug = bool(self.flip.value), bool(self.augment.value)
+    tkey = (i, k, flip, flip and self.legacy)
+    skey = (i, k, aug, int(self.seed.value) if aug else None, aug and self.legacy)
+    return tkey, skey
 
-    @torch.no_grad()
-    def _forward(self, cf, kf, flow):
-        was = self.net.training
-        self.net.eval()
-        try: return self.net(cf, kf, flow)
-        finally: self.net.train(was)
+# %% ../nbs/16_explorer.ipynb #16c977d8
+@patch
+def _cached(self: PseudoLabelExplorer, cache, key, fn):
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    cache[key] = v = fn()
+    while len(cache) > self.cache_size: cache.popitem(last=False)
+    return v
 
-    def _run_teacher(self, s, flip, legacy) -> dict:
-        was = self.net.training
-        self.net.eval()
-        try: pl = pseudo_labels(self.net, s, 'previous', flip=torch.tensor([flip]), legacy_flip=legacy,
-                                flow_scale=getattr(self.net, 'flow_scale', 'legacy'))
-        finally: self.net.train(was)
-        self.calls['teacher'] += 1
-        pred = pl.teacher.fused_main.float().argmax(1)[0].cpu()                   # (h, w) in the teacher's frame
-        return dict(labels=pl.main[0].cpu(), conf=pl.conf_main[0].cpu(),          # threshold 0: applied at redraw
-                    pred_b=pred.flip(1) if flip else pred)                       # prediction aligned with b
+@patch
+def _load(self: PseudoLabelExplorer, i, k) -> dict:
+    def load():
+        s = self.dataset(k)[i]
+        missing = [n for n in ('d', 'c', 'b', 'a', 'flow_dc', 'flow_db', 'flow_ba') if n not in s]
+        if missing: raise KeyError(f"sample {i} ({s.get('name', '?')}) lacks {missing}: expected a target dataset sample")
+        return {n: (v[None].to(self.device) if torch.is_tensor(v) and n != 'label' else v) for n, v in s.items()}
+    return self._cached(self._samples, (i, k), load)
 
-    def _run_student(self, s, aug, seed, legacy) -> dict:
-        if aug:
-            g = torch.Generator(device=self.device).manual_seed(seed)
-            d_in, c_in, params = strong_augment(s['d'], s['c'], generator=g, legacy=legacy)  # (1, 3, H', W')
-        else:
-            d_in, c_in, params = to_input(s['d']), to_input(s['c']), None
-        out = self._forward(d_in, c_in, s['flow_dc'])
-        self.calls['student'] += 1
-        shown = (d_in[0] * 255 if legacy and aug else from_input(d_in)[0]).clamp(0, 255).round().byte().cpu()  # (3, H', W')
-        return dict(input=shown, pred=out.fused_main.float().argmax(1)[0].cpu(), params=params)
+@patch
+@torch.no_grad()
+def _forward(self: PseudoLabelExplorer, cf, kf, flow):
+    was = self.net.training
+    self.net.eval()
+    try: return self.net(cf, kf, flow)
+    finally: self.net.train(was)
 
-    # ---- events
-    def _on_change(self, change):
-        if self._syncing: return
-        if change['owner'] is self.name or change['owner'] is self.sample:
-            other = self.sample if change['owner'] is self.name else self.name
-            self._syncing = True
-            try: other.value = change['new']
-            finally: self._syncing = False
-        self.update()
+@patch
+def _run_teacher(self: PseudoLabelExplorer, s, flip, legacy) -> dict:
+    was = self.net.training
+    self.net.eval()
+    try: pl = pseudo_labels(self.net, s, 'previous', flip=torch.tensor([flip]), legacy_flip=legacy,
+                            flow_scale=getattr(self.net, 'flow_scale', 'legacy'))
+    finally: self.net.train(was)
+    self.calls['teacher'] += 1
+    pred = pl.teacher.fused_main.float().argmax(1)[0].cpu()                   # (h, w) in the teacher's frame
+    return dict(labels=pl.main[0].cpu(), conf=pl.conf_main[0].cpu(),          # threshold 0: applied at redraw
+                pred_b=pred.flip(1) if flip else pred)                       # prediction aligned with b
 
-    def _busy(self, on: bool, text: str = ''):
-        self.status.value = ('<span style="color:#b36b00">&#9203; computing&hellip;</span>' if on else text)
+@patch
+def _run_student(self: PseudoLabelExplorer, s, aug, seed, legacy) -> dict:
+    if aug:
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        d_in, c_in, params = strong_augment(s['d'], s['c'], generator=g, legacy=legacy)  # (1, 3, H', W')
+    else:
+        d_in, c_in, params = to_input(s['d']), to_input(s['c']), None
+    out = self._forward(d_in, c_in, s['flow_dc'])
+    self.calls['student'] += 1
+    shown = (d_in[0] * 255 if legacy and aug else from_input(d_in)[0]).clamp(0, 255).round().byte().cpu()  # (3, H', W')
+    return dict(input=shown, pred=out.fused_main.float().argmax(1)[0].cpu(), params=params)
 
-    def update(self):
-        "Recompute what changed (network only on a new teacher/student key) and redraw panels and tables."
-        i, k = self.sample.value, self.interval.value
-        tkey, skey = self._keys()
-        try:
-            need = tkey not in self._teacher or skey not in self._student or (i, k) not in self._samples
-            if need: self._busy(True)
-            t0 = time.perf_counter()
-            s = self._load(i, k)
-            t = self._cached(self._teacher, tkey, lambda: self._run_teacher(s, tkey[2], tkey[3]))
-            st = self._cached(self._student, skey, lambda: self._run_student(s, skey[2], skey[3], skey[4]))
-            dt = time.perf_counter() - t0
-            self._redraw(s, t, st)
-        except Exception as e:
-            self.status.value = f'<span style="color:#c00">error: {html.escape(f"{type(e).__name__}: {e}")}</span>'
-            self.error = e
-            return
-        self.error = None
-        how = f'computed in {dt:.2f} s' if need else 'from cache'
-        self._busy(False, f'ready &middot; {html.escape(self.names[i])}, k={k} &middot; {how} &middot; '
-                          f'network runs: teacher {self.calls["teacher"]}, student {self.calls["student"]}')
+# %% ../nbs/16_explorer.ipynb #c94723e8
+@patch
+# ---- events
+def _on_change(self: PseudoLabelExplorer, change):
+    if self._syncing: return
+    if change['owner'] is self.name or change['owner'] is self.sample:
+        other = self.sample if change['owner'] is self.name else self.name
+        self._syncing = True
+        try: other.value = change['new']
+        finally: self._syncing = False
+    self.update()
 
-    def _redraw(self, s, t, st):
-        thr = float(self.threshold.value)
-        conf = t['conf']                                                           # (h, w)
-        pl = apply_threshold(t['labels'], conf, thr)                               # (h, w): no network run
-        d, b = _hwc(s['d']), _hwc(s['b'])
-        label = s.get('label')
-        cur = dict(sample=self.sample.value, interval=self.interval.value, threshold=thr,
-                   pseudo_label=pl, confidence=conf, teacher_pred=t['pred_b'], student_pred=st['pred'],
-                   student_input=st['input'], label=label, metrics=None)
-        if label is not None:
-            cur['metrics'] = m = pseudo_label_metrics(pl, label, len(self.class_names))
-            self.visited[(self.sample.value, self.interval.value)] = (m['cm'], m['dropped'])
-        self.current = cur
-        over = self.view.value == 'overlay'
-        def lab(img, x):  # a label map drawn over (or beside) its frame, at the frame's size
-            return viz.overlay(img, x, self.setting, 0.6) if over else _label_at(viz.colorize(x, self.setting), img.shape[:2])
-        heat = viz.heatmap(conf, 0.0, 1.0)
-        heat[(conf < thr).numpy()] //= 3
-        imgs = {'d': d, 'b': b, 'flow_db': _hwc(flow_to_color(s['flow_db'][0].cpu())),
-                'teacher_b': lab(b, t['pred_b']), 'pseudo_label': lab(d, pl),
-                'confidence': _label_at(heat, d.shape[:2]),
-                'student_input': _hwc(st['input']), 'student': lab(_hwc(st['input']), st['pred'])}
-        if label is not None:
-            imgs['ground_truth'] = lab(d, label)
-            full = F.interpolate(pl[None, None].float(), size=tuple(label.shape), mode='nearest')[0, 0].long()
-            err = viz.error_map(full, label, img=d)
-            err[((full == IGNORE) & (label.long() < len(self.class_names))).numpy()] = DROPPED_COLOR
-            imgs['errors'] = err
-        else:
-            imgs['ground_truth'] = imgs['errors'] = _placeholder('no labels', d.shape[:2])
-        self.images = imgs
-        for p, img in imgs.items():
-            v = png_bytes(_fit(img, self.panel_width, nearest=p not in ('d', 'b', 'student_input')))
-            if self.panels[p].value != v: self.panels[p].value = v
-        self.table.value = self._table_html()
+@patch
+def _busy(self: PseudoLabelExplorer, on: bool, text: str = ''):
+    self.status.value = ('<span style="color:#b36b00">&#9203; computing&hellip;</span>' if on else text)
 
-    # ---- tables
-    def summary(self) -> dict:
-        "Metrics of the confusion matrix accumulated over the frames visited (each frame once, latest settings)."
-        C = len(self.class_names)
-        if not self.visited: return pseudo_label_scores(np.zeros((C, C)), np.zeros(C)) | {'frames': 0}
-        cm = sum(v[0] for v in self.visited.values()); drop = sum(v[1] for v in self.visited.values())
-        return pseudo_label_scores(cm, drop) | {'frames': len(self.visited)}
+@patch
+def update(self: PseudoLabelExplorer):
+    "Recompute what changed (network only on a new teacher/student key) and redraw panels and tables."
+    i, k = self.sample.value, self.interval.value
+    tkey, skey = self._keys()
+    try:
+        need = tkey not in self._teacher or skey not in self._student or (i, k) not in self._samples
+        if need: self._busy(True)
+        t0 = time.perf_counter()
+        s = self._load(i, k)
+        t = self._cached(self._teacher, tkey, lambda: self._run_teacher(s, tkey[2], tkey[3]))
+        st = self._cached(self._student, skey, lambda: self._run_student(s, skey[2], skey[3], skey[4]))
+        dt = time.perf_counter() - t0
+        self._redraw(s, t, st)
+    except Exception as e:
+        self.status.value = f'<span style="color:#c00">error: {html.escape(f"{type(e).__name__}: {e}")}</span>'
+        self.error = e
+        return
+    self.error = None
+    how = f'computed in {dt:.2f} s' if need else 'from cache'
+    self._busy(False, f'ready &middot; {html.escape(self.names[i])}, k={k} &middot; {how} &middot; '
+                      f'network runs: teacher {self.calls["teacher"]}, student {self.calls["student"]}')
 
-    def reset_summary(self):
-        "Forget the frames visited (the running summary restarts from the current frame)."
-        self.visited.clear()
-        self.update()
+# %% ../nbs/16_explorer.ipynb #6637a2b1
+@patch
+def _redraw(self: PseudoLabelExplorer, s, t, st):
+    thr = float(self.threshold.value)
+    conf = t['conf']                                                           # (h, w)
+    pl = apply_threshold(t['labels'], conf, thr)                               # (h, w): no network run
+    d, b = _hwc(s['d']), _hwc(s['b'])
+    label = s.get('label')
+    cur = dict(sample=self.sample.value, interval=self.interval.value, threshold=thr,
+               pseudo_label=pl, confidence=conf, teacher_pred=t['pred_b'], student_pred=st['pred'],
+               student_input=st['input'], label=label, metrics=None)
+    if label is not None:
+        cur['metrics'] = m = pseudo_label_metrics(pl, label, len(self.class_names))
+        self.visited[(self.sample.value, self.interval.value)] = (m['cm'], m['dropped'])
+    self.current = cur
+    over = self.view.value == 'overlay'
+    def lab(img, x):  # a label map drawn over (or beside) its frame, at the frame's size
+        return viz.overlay(img, x, self.setting, 0.6) if over else _label_at(viz.colorize(x, self.setting), img.shape[:2])
+    heat = viz.heatmap(conf, 0.0, 1.0)
+    heat[(conf < thr).numpy()] //= 3
+    imgs = {'d': d, 'b': b, 'flow_db': _hwc(flow_to_color(s['flow_db'][0].cpu())),
+            'teacher_b': lab(b, t['pred_b']), 'pseudo_label': lab(d, pl),
+            'confidence': _label_at(heat, d.shape[:2]),
+            'student_input': _hwc(st['input']), 'student': lab(_hwc(st['input']), st['pred'])}
+    if label is not None:
+        imgs['ground_truth'] = lab(d, label)
+        full = F.interpolate(pl[None, None].float(), size=tuple(label.shape), mode='nearest')[0, 0].long()
+        err = viz.error_map(full, label, img=d)
+        err[((full == IGNORE) & (label.long() < len(self.class_names))).numpy()] = DROPPED_COLOR
+        imgs['errors'] = err
+    else:
+        imgs['ground_truth'] = imgs['errors'] = _placeholder('no labels', d.shape[:2])
+    self.images = imgs
+    for p, img in imgs.items():
+        v = png_bytes(_fit(img, self.panel_width, nearest=p not in ('d', 'b', 'student_input')))
+        if self.panels[p].value != v: self.panels[p].value = v
+    self.table.value = self._table_html()
 
-    def _table_html(self) -> str:
-        m = self.current.get('metrics')
-        if m is None: return '<i>no ground truth for this frame: no metrics</i>'
-        S = self.summary()
-        rows = []
-        for c, n in enumerate(self.class_names):
-            if m['gt_pixels'][c] == 0 and m['pl_pixels'][c] == 0 and S['gt_pixels'][c] == 0: continue
-            rows.append(f'<tr><td>{html.escape(n)}</td><td>{_fmt(m["gt_pixels"][c], False)}</td>'
-                        f'<td>{_fmt(m["pl_pixels"][c], False)}</td><td>{_fmt(m["precision"][c])}</td>'
-                        f'<td>{_fmt(m["recall"][c])}</td><td>{_fmt(m["iou"][c])}</td><td>{_fmt(S["iou"][c])}</td></tr>')
-        mi = lambda v: '–' if np.isnan(v) else f'{v:.1f}'
-        head = ('<tr><th>class</th><th>GT px</th><th>PL px</th><th>precision</th><th>recall</th><th>IoU</th>'
-                f'<th>IoU, {S["frames"]} frame(s) visited</th></tr>')
-        foot = (f'<tr><td><b>all</b></td><td colspan="2">coverage {_fmt(m["coverage"])}%</td>'
-                f'<td colspan="2">accuracy {_fmt(m["accuracy"])}%</td><td><b>{mi(m["miou"])}</b></td>'
-                f'<td><b>{mi(S["miou"])}</b> (coverage {_fmt(S["coverage"])}%)</td></tr>')
-        return ('<style>.tps-metrics td, .tps-metrics th {padding: 0 8px; line-height: 1.35; text-align: right}'
-                '.tps-metrics td:first-child, .tps-metrics th:first-child {text-align: left}</style>'
-                '<table class="tps-metrics" style="border-collapse:collapse;font-size:12px">'
-                + head + ''.join(rows) + foot + '</table>'
-                '<small>precision and IoU over the pixels the pseudo label keeps, recall over all ground-truth pixels; '
-                'percent, mIoU in points.</small>')
+# %% ../nbs/16_explorer.ipynb #c1fdc44b
+@patch
+# ---- tables
+def summary(self: PseudoLabelExplorer) -> dict:
+    "Metrics of the confusion matrix accumulated over the frames visited (each frame once, latest settings)."
+    C = len(self.class_names)
+    if not self.visited: return pseudo_label_scores(np.zeros((C, C)), np.zeros(C)) | {'frames': 0}
+    cm = sum(v[0] for v in self.visited.values()); drop = sum(v[1] for v in self.visited.values())
+    return pseudo_label_scores(cm, drop) | {'frames': len(self.visited)}
 
-    def _legend_png(self) -> bytes:
-        from matplotlib.figure import Figure
-        fig = Figure(figsize=(min(8, len(self.class_names)), 0.5))
-        viz.legend(self.setting, ax=fig.add_subplot(1, 1, 1), ncol=8, fontsize=7)
-        buf = io.BytesIO()
-        fig.savefig(buf, format='png', dpi=80, bbox_inches='tight', pad_inches=0.02)
-        return buf.getvalue()
+@patch
+def reset_summary(self: PseudoLabelExplorer):
+    "Forget the frames visited (the running summary restarts from the current frame)."
+    self.visited.clear()
+    self.update()
 
-    # ---- display
-    def show(self):
-        "Display the explorer (in JupyterLab / Notebook)."
-        from IPython.display import display
-        display(self.widget)
+@patch
+def _table_html(self: PseudoLabelExplorer) -> str:
+    m = self.current.get('metrics')
+    if m is None: return '<i>no ground truth for this frame: no metrics</i>'
+    S = self.summary()
+    rows = []
+    for c, n in enumerate(self.class_names):
+        if m['gt_pixels'][c] == 0 and m['pl_pixels'][c] == 0 and S['gt_pixels'][c] == 0: continue
+        rows.append(f'<tr><td>{html.escape(n)}</td><td>{_fmt(m["gt_pixels"][c], False)}</td>'
+                    f'<td>{_fmt(m["pl_pixels"][c], False)}</td><td>{_fmt(m["precision"][c])}</td>'
+                    f'<td>{_fmt(m["recall"][c])}</td><td>{_fmt(m["iou"][c])}</td><td>{_fmt(S["iou"][c])}</td></tr>')
+    mi = lambda v: '–' if np.isnan(v) else f'{v:.1f}'
+    head = ('<tr><th>class</th><th>GT px</th><th>PL px</th><th>precision</th><th>recall</th><th>IoU</th>'
+            f'<th>IoU, {S["frames"]} frame(s) visited</th></tr>')
+    foot = (f'<tr><td><b>all</b></td><td colspan="2">coverage {_fmt(m["coverage"])}%</td>'
+            f'<td colspan="2">accuracy {_fmt(m["accuracy"])}%</td><td><b>{mi(m["miou"])}</b></td>'
+            f'<td><b>{mi(S["miou"])}</b> (coverage {_fmt(S["coverage"])}%)</td></tr>')
+    return ('<style>.tps-metrics td, .tps-metrics th {padding: 0 8px; line-height: 1.35; text-align: right}'
+            '.tps-metrics td:first-child, .tps-metrics th:first-child {text-align: left}</style>'
+            '<table class="tps-metrics" style="border-collapse:collapse;font-size:12px">'
+            + head + ''.join(rows) + foot + '</table>'
+            '<small>precision and IoU over the pixels the pseudo label keeps, recall over all ground-truth pixels; '
+            'percent, mIoU in points.</small>')
 
-    def _ipython_display_(self): self.show()
+@patch
+def _legend_png(self: PseudoLabelExplorer) -> bytes:
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(min(8, len(self.class_names)), 0.5))
+    viz.legend(self.setting, ax=fig.add_subplot(1, 1, 1), ncol=8, fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=80, bbox_inches='tight', pad_inches=0.02)
+    return buf.getvalue()
 
-    def figure(self, cell_width: float = 2.4):
-        "A static matplotlib Figure of the current panels (for documents without a live kernel)."
-        titles = [_TITLES[p] for p in PANELS]
-        cells = [self.images[p] for p in PANELS]
-        return viz.show_grid([cells[:4], cells[4:8], cells[8:]], titles=[titles[:4], titles[4:8], titles[8:]],
-                             setting=self.setting, legend_setting=self.setting, cell_width=cell_width, fontsize=8)
+# %% ../nbs/16_explorer.ipynb #574601f4
+@patch
+# ---- display
+def show(self: PseudoLabelExplorer):
+    "Display the explorer (in JupyterLab / Notebook)."
+    from IPython.display import display
+    display(self.widget)
 
-    @classmethod
-    def from_config(cls, cfg, model_or_checkpoint, split: str = 'val', intervals=None, **kw):
-        "An explorer on the target `split` of `cfg` (its roots, sizes and setting; teacher frames loaded)."
-        return cls(model_or_checkpoint, build_target(cfg, split, teacher=True), setting=setting_of(cfg),
-                   intervals=intervals, **kw)
+@patch
+def _ipython_display_(self: PseudoLabelExplorer): self.show()
 
+@patch
+def figure(self: PseudoLabelExplorer, cell_width: float = 2.4):
+    "A static matplotlib Figure of the current panels (for documents without a live kernel)."
+    titles = [_TITLES[p] for p in PANELS]
+    cells = [self.images[p] for p in PANELS]
+    return viz.show_grid([cells[:4], cells[4:8], cells[8:]], titles=[titles[:4], titles[4:8], titles[8:]],
+                         setting=self.setting, legend_setting=self.setting, cell_width=cell_width, fontsize=8)
+
+@patch(cls_method=True)
+def from_config(cls: PseudoLabelExplorer, cfg, model_or_checkpoint, split: str = 'val', intervals=None, **kw):
+    "An explorer on the target `split` of `cfg` (its roots, sizes and setting; teacher frames loaded)."
+    return cls(model_or_checkpoint, build_target(cfg, split, teacher=True), setting=setting_of(cfg),
+               intervals=intervals, **kw)
+
+# %% ../nbs/16_explorer.ipynb #10797f42
 def _label_at(rgb: np.ndarray, hw) -> np.ndarray:
     "A colour map scaled to `hw` (H, W) with nearest neighbours."
     return rgb if rgb.shape[:2] == tuple(hw) else cv2.resize(rgb, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)

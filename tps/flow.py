@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_flow.ipynb #e325793d
 from __future__ import annotations
-import io, os, re
+import io, re
 from pathlib import Path
 import numpy as np
 import torch
@@ -162,7 +162,7 @@ def warp_error(frame_t, frame_prev, flow) -> torch.Tensor:
     warped = flow_warp(fp[None], flow, impl='torch')[0]           # (3, H, W)
     return (ft - warped).abs().mean(0)                            # (H, W)
 
-# %% ../nbs/03_flow.ipynb #8e4bcbac
+# %% ../nbs/03_flow.ipynb #de00b017
 DIS_PRESETS = {'ultrafast': 0, 'fast': 1, 'medium': 2}  # cv2.DISOPTICAL_FLOW_PRESET_*
 METHODS = ('dis', 'raft_small', 'raft_large')
 
@@ -217,6 +217,7 @@ def _raft_flow(ft: torch.Tensor, fp: torch.Tensor, model: torch.nn.Module, iters
     flow = model(prep(ft), prep(fp), num_flow_updates=iters)[-1]  # (B, 2, H+ph, W+pw)
     return flow[..., :H, :W].float().cpu()
 
+# %% ../nbs/03_flow.ipynb #7fc3b205
 def estimate_flow(frame_t, frame_prev, method: str = 'dis', preset: str = 'medium', weights=None,
                   device=None, iters: int = 12) -> torch.Tensor:
     "Flow `(2, H, W)` float32 from `frame_t` into the earlier `frame_prev`: `frame_t(p) ~ frame_prev(p + flow(p))`."

@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from fastcore.basics import patch
 from .warp import flow_warp, resize_flow, forward_splat, SPLAT_MODES
 
 # %% auto #0
-__all__ = ['ARCHS', 'PASS_ORDERS', 'FUSIONS', 'Bottleneck', 'BasicBlock', 'ClassifierModule', 'FusionOutput', 'TPSNet',
-           'score_size', 'unwrap', 'build_model', 'param_groups', 'CheckpointError', 'read_state_dict',
-           'load_checkpoint', 'load_imagenet_init', 'load_torchvision_resnet', 'load_init', 'infer_model_kwargs']
+__all__ = ['ARCHS', 'PASS_ORDERS', 'FUSIONS', 'FLOW_SCALES', 'Bottleneck', 'BasicBlock', 'ClassifierModule', 'FusionOutput',
+           'score_flow', 'TPSNet', 'score_size', 'unwrap', 'build_model', 'param_groups', 'CheckpointError',
+           'read_state_dict', 'load_checkpoint', 'load_imagenet_init', 'load_torchvision_resnet', 'load_init',
+           'infer_model_kwargs']
 
 # %% ../nbs/05_model.ipynb #6fe47f0a
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -80,7 +81,7 @@ class ClassifierModule(nn.Module):
         for conv in self.conv2d_list[1:]: out = out + conv(x)
         return out
 
-# %% ../nbs/05_model.ipynb #e77e6115
+# %% ../nbs/05_model.ipynb #a6930627
 class FusionOutput(NamedTuple):
     "Outputs of `TPSNet`: fused, current-frame and key-frame scores of the aux and main heads, (B, C, h, w) each."
     fused_aux: Optional[torch.Tensor]
@@ -94,7 +95,16 @@ PASS_ORDERS = ('kf_cf', 'cf_kf')
 "Orders of the two frames through the backbone: key frame first, or current frame first (the reference)."
 FUSIONS = ('warp', 'splat')
 "Key-frame fusions: 'warp' (TPS's bilinear backward warp) or 'splat' (DA-VSN's forward splatting)."
+FLOW_SCALES = ('legacy', 'per_axis')
+"How a flow is scaled when resized to the score size: 'legacy' (both components by the height ratio, the reference) or 'per_axis'."
 
+def score_flow(flow: torch.Tensor, size, flow_scale: str = 'legacy') -> torch.Tensor:
+    "A flow (B, 2, h', w') resized to the score size `size` (h, w) with `flow_scale`; float64 stays float64, anything else becomes float32."
+    if flow_scale not in FLOW_SCALES: raise ValueError(f"flow_scale={flow_scale!r}: expected one of {FLOW_SCALES}")
+    flow = flow if flow.dtype == torch.float64 else flow.float()
+    return resize_flow(flow, size, legacy=flow_scale == 'legacy')
+
+# %% ../nbs/05_model.ipynb #095a2fb8
 class TPSNet(nn.Module):
     "ACCEL DeepLab-v2: a dilated ResNet with ASPP-sum heads and flow-warped key-frame score fusion."
     def __init__(self, arch: str = 'resnet101', num_classes: int = 15, multi_level: bool = True,
@@ -103,8 +113,7 @@ class TPSNet(nn.Module):
         super().__init__()
         if arch not in ARCHS: raise ValueError(f"arch={arch!r}: expected one of {sorted(ARCHS)}")
         if bn not in ('legacy', 'frozen'): raise ValueError(f"bn={bn!r}: expected 'legacy' or 'frozen'")
-        if flow_scale not in ('legacy', 'per_axis'):
-            raise ValueError(f"flow_scale={flow_scale!r}: expected 'legacy' or 'per_axis'")
+        if flow_scale not in FLOW_SCALES: raise ValueError(f"flow_scale={flow_scale!r}: expected one of {FLOW_SCALES}")
         if num_classes < 1: raise ValueError(f"num_classes={num_classes}: expected >= 1")
         if pass_order not in PASS_ORDERS: raise ValueError(f"pass_order={pass_order!r}: expected one of {PASS_ORDERS}")
         if fusion not in FUSIONS: raise ValueError(f"fusion={fusion!r}: expected one of {FUSIONS}")
@@ -113,8 +122,7 @@ class TPSNet(nn.Module):
         if splat not in SPLAT_MODES: raise ValueError(f"splat={splat!r}: expected one of {SPLAT_MODES}")
         if width < 8 or width % 8: raise ValueError(f"width={width}: expected a multiple of 8 (64 is the paper's ResNet)")
         self.pass_order, self.fusion, self.legacy_warp, self.splat = pass_order, fusion, bool(legacy_warp), splat
-        self.width = w = int(width)
-        self.inplanes = w
+        self.width = self.inplanes = w = int(width)
         self.conv1 = nn.Conv2d(3, w, 7, stride=2, padding=3, bias=False)
         self.bn1 = _bn(w)
         self.relu = nn.ReLU(inplace=True)
@@ -156,47 +164,54 @@ class TPSNet(nn.Module):
                 if isinstance(m, nn.BatchNorm2d): m.eval()
         return self
 
-    def single(self, x: torch.Tensor):
-        "Scores of one frame, no fusion: `(aux, main)`, each (B, C, h, w); `aux` is None without multi-level."
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4) (ceil)
-        x = self.layer2(self.layer1(x))                       # (B, 128e, h, w), h = score size
-        x = self.layer3(x)                                    # (B, 256e, h, w)
-        aux = self.layer5(x) if self.multi_level else None    # (B, C, h, w)
-        main = self.layer6(self.layer4(x))                    # (B, C, h, w)
-        return aux, main
+# %% ../nbs/05_model.ipynb #885f27ec
+@patch
+def single(self: TPSNet, x: torch.Tensor):
+    "Scores of one frame, no fusion: `(aux, main)`, each (B, C, h, w); `aux` is None without multi-level."
+    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4) (ceil)
+    x = self.layer2(self.layer1(x))                       # (B, 128e, h, w), h = score size
+    x = self.layer3(x)                                    # (B, 256e, h, w)
+    aux = self.layer5(x) if self.multi_level else None    # (B, C, h, w)
+    main = self.layer6(self.layer4(x))                    # (B, C, h, w)
+    return aux, main
 
-    def fuse(self, cf_scores: torch.Tensor, kf_scores: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-        "Align `kf_scores` (B, C, h, w) to the current frame with `flow` (B, 2, h', w'): warp (TPS) or splat (DA-VSN); fuse with `cf_scores`."
-        h, w = cf_scores.shape[-2:]
-        flow = self.score_flow(flow, (h, w))                                          # (B, 2, h, w)
-        if self.fusion == 'splat':
-            kf_al = forward_splat(kf_scores, flow, self.splat)[0].to(cf_scores.dtype)   # unwritten positions: 0
-        else:
-            kf_al = flow_warp(kf_scores, flow.float(), impl='legacy' if self.legacy_warp else 'auto').to(cf_scores.dtype)
-        return self.sf_layer(torch.cat([cf_scores, kf_al], 1))                        # (B, C, h, w)
 
-    def score_flow(self, flow: torch.Tensor, size) -> torch.Tensor:
-        "A flow (B, 2, h', w') resized to the score size `size` (h, w) with the model's scaling; float64 stays float64."
-        flow = flow if flow.dtype == torch.float64 else flow.float()
-        return resize_flow(flow, size, legacy=self.flow_scale == 'legacy')
+@patch
+def fuse(self: TPSNet, cf_scores: torch.Tensor, kf_scores: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    "Align `kf_scores` (B, C, h, w) to the current frame with `flow` (B, 2, h', w'): warp (TPS) or splat (DA-VSN); fuse with `cf_scores`."
+    h, w = cf_scores.shape[-2:]
+    flow = self.score_flow(flow, (h, w))                                          # (B, 2, h, w)
+    if self.fusion == 'splat':
+        kf_al = forward_splat(kf_scores, flow, self.splat)[0].to(cf_scores.dtype)   # unwritten positions: 0
+    else:
+        kf_al = flow_warp(kf_scores, flow.float(), impl='legacy' if self.legacy_warp else 'auto').to(cf_scores.dtype)
+    return self.sf_layer(torch.cat([cf_scores, kf_al], 1))                        # (B, C, h, w)
 
-    def forward(self, cf: torch.Tensor, kf: Optional[torch.Tensor], flow: torch.Tensor, kf_scores=None) -> FusionOutput:
-        "Two-frame forward: cf, kf (B, 3, H, W) normalised; flow (B, 2, h', w') cf -> kf in its own pixels."
-        if kf_scores is None and kf is None: raise ValueError("TPSNet: pass the key frame `kf` or its scores `kf_scores`")
-        if kf_scores is not None:
-            kf_aux, kf_main = kf_scores
-            kf_aux = None if kf_aux is None else kf_aux.detach()
-            kf_main = kf_main.detach()
-            cf_aux, cf_main = self.single(cf)
-        elif self.pass_order == 'cf_kf':                            # the reference: current frame, then key frame
-            cf_aux, cf_main = self.single(cf)
-            with torch.no_grad(): kf_aux, kf_main = self.single(kf)
-        else:
-            with torch.no_grad(): kf_aux, kf_main = self.single(kf)
-            cf_aux, cf_main = self.single(cf)
-        fused_main = self.fuse(cf_main, kf_main, flow)
-        fused_aux = self.fuse(cf_aux, kf_aux, flow) if self.multi_level else None
-        return FusionOutput(fused_aux, fused_main, cf_aux, cf_main, kf_aux, kf_main)
+
+@patch
+def score_flow(self: TPSNet, flow: torch.Tensor, size) -> torch.Tensor:
+    "A flow (B, 2, h', w') resized to the score size `size` (h, w) with the model's `flow_scale` (`score_flow`)."
+    return score_flow(flow, size, self.flow_scale)
+
+# %% ../nbs/05_model.ipynb #67a0a59b
+@patch
+def forward(self: TPSNet, cf: torch.Tensor, kf: Optional[torch.Tensor], flow: torch.Tensor, kf_scores=None) -> FusionOutput:
+    "Two-frame forward: cf, kf (B, 3, H, W) normalised; flow (B, 2, h', w') cf -> kf in its own pixels."
+    if kf_scores is None and kf is None: raise ValueError("TPSNet: pass the key frame `kf` or its scores `kf_scores`")
+    if kf_scores is not None:
+        kf_aux, kf_main = kf_scores
+        kf_aux = None if kf_aux is None else kf_aux.detach()
+        kf_main = kf_main.detach()
+        cf_aux, cf_main = self.single(cf)
+    elif self.pass_order == 'cf_kf':                            # the reference: current frame, then key frame
+        cf_aux, cf_main = self.single(cf)
+        with torch.no_grad(): kf_aux, kf_main = self.single(kf)
+    else:
+        with torch.no_grad(): kf_aux, kf_main = self.single(kf)
+        cf_aux, cf_main = self.single(cf)
+    fused_main = self.fuse(cf_main, kf_main, flow)
+    fused_aux = self.fuse(cf_aux, kf_aux, flow) if self.multi_level else None
+    return FusionOutput(fused_aux, fused_main, cf_aux, cf_main, kf_aux, kf_main)
 
 # %% ../nbs/05_model.ipynb #8aa98c90
 def score_size(H: int, W: int) -> tuple:
@@ -244,7 +259,7 @@ def param_groups(net: TPSNet, lr: float, backbone_mult: float = 1.0, legacy: boo
     mult = {'backbone': float(backbone_mult), 'fusion': 1.0, 'heads': 10.0}
     return [{'name': k, 'params': v, 'lr': lr * mult[k], 'lr_mult': mult[k]} for k, v in groups.items()]
 
-# %% ../nbs/05_model.ipynb #b8ac771d
+# %% ../nbs/05_model.ipynb #e9694c25
 class CheckpointError(ValueError):
     "A weights file that does not fit the network (wrong keys, shapes or format)."
 
@@ -302,6 +317,7 @@ def load_checkpoint(net: TPSNet, path) -> dict:
     sd, name = read_state_dict(path, 'checkpoint')
     return _assign(_target(net), sd, name, 'a checkpoint', lambda k: k.endswith('num_batches_tracked'))
 
+# %% ../nbs/05_model.ipynb #eabbff29
 def load_imagenet_init(net: TPSNet, path) -> dict:
     "Load `DeepLab_resnet_pretrained_imagenet.pth` ('Scale.' prefix dropped, layer5/fc skipped) into the backbone."
     sd, name = read_state_dict(path, 'ImageNet init')

@@ -9,17 +9,17 @@ from dataclasses import dataclass, field
 import torch
 from .config import Config
 from .augment import to_input, match_histograms, strong_augment
-from .losses import seg_loss, tps_loss, quality_weight
-from .teacher import pseudo_labels, ema_update
+from .losses import seg_loss, tps_loss
+from .teacher import pseudo_labels, ema_update, quality_weight
 from .flow import as_reference_float64
 from .metrics import pseudo_label_confusion
 from .warp import forward_splat
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['STEPS', 'StepContext', 'source_loss', 'teacher_net', 'target_pseudo_labels', 'student_loss', 'reference_flows',
-           'pseudo_label_stats', 'class_mix', 'step_source_only', 'step_tps', 'step_pixmatch', 'step_oracle',
-           'random_batches']
+__all__ = ['STEPS', 'StepContext', 'source_loss', 'teacher_of', 'update_teacher', 'target_pseudo_labels', 'student_loss',
+           'reference_flows', 'pseudo_label_stats', 'logged_terms', 'class_mix', 'step_source_only', 'step_tps',
+           'step_pixmatch', 'step_oracle', 'random_batches']
 
 # %% ../nbs/12_steps.ipynb #c6b14fd4
 @dataclass
@@ -61,14 +61,17 @@ def source_loss(ctx: StepContext, src: dict, ref: torch.Tensor) -> dict:
         out = ctx.net(cf, kf, src['flow_dc'])
         return seg_loss(out.fused_main, out.fused_aux, src['label'], ctx.cfg.train.lambda_aux, ctx.cfg.train.legacy_ce)
 
-def teacher_net(ctx: StepContext) -> torch.nn.Module:
-    "The network that makes the pseudo labels: the student itself (`train.teacher='self'`) or the EMA teacher, first moved to this iteration's student."
-    t = ctx.cfg.train
-    if t.teacher == 'self': return ctx.net
+def teacher_of(ctx: StepContext) -> torch.nn.Module:
+    "The network that makes the pseudo labels: the student itself (`train.teacher='self'`) or the EMA teacher of `ctx.extras`; changes nothing."
+    if ctx.cfg.train.teacher == 'self': return ctx.net
     teacher = ctx.extras.get('ema_teacher')
     if teacher is None: raise KeyError("train.teacher='ema' needs the 'ema_teacher' module in StepContext.extras (tps.train.make_extras)")
-    ema_update(teacher, ctx.net, ctx.it, t.ema_alpha)
     return teacher
+
+def update_teacher(ctx: StepContext) -> float | None:
+    "With `train.teacher='ema'`: move the EMA teacher towards this iteration's student (`tps.teacher.ema_update`), returning `a`; None for `'self'`."
+    if ctx.cfg.train.teacher == 'self': return None
+    return ema_update(teacher_of(ctx), ctx.net, ctx.it, ctx.cfg.train.ema_alpha)
 
 def target_pseudo_labels(ctx: StepContext, tgt: dict, source: str = 'previous'):
     "The teacher's `tps.teacher.PseudoLabels` for the target batch: TPS (`'previous'`) or PixMatch (`'current'`)."
@@ -76,7 +79,7 @@ def target_pseudo_labels(ctx: StepContext, tgt: dict, source: str = 'previous'):
     flip = None
     if source == 'previous':                                          # only TPS flips its teacher pair
         flip = torch.rand(tgt['d'].shape[0], generator=ctx.generator) < t.flip_p   # (B,) bool on the CPU
-    return pseudo_labels(teacher_net(ctx), tgt, source=source, flip=flip,
+    return pseudo_labels(teacher_of(ctx), tgt, source=source, flip=flip,
                          legacy_flip=t.legacy_flip, conf_threshold=t.conf_threshold, flow_scale=ctx.cfg.model.flow_scale,
                          autocast=ctx.autocast, channels_last=ctx.channels_last,
                          warp_impl='legacy' if ctx.cfg.model.legacy_warp else 'auto')
@@ -101,9 +104,13 @@ def pseudo_label_stats(ctx: StepContext, pl: torch.Tensor, tgt: dict) -> dict:
     cm, dropped = pseudo_label_confusion(pl.detach(), tgt['label'], ctx.cfg.model.num_classes)
     return {'pl_confusion': cm, 'pl_dropped': dropped}
 
-def _terms(prefix: str, losses: dict) -> dict:
+# %% ../nbs/12_steps.ipynb #d8d3dad8
+def logged_terms(prefix: str, losses: dict) -> dict:
+    "The scalar tensors of a loss dict, detached, as logged: `loss` becomes `prefix`, any other key `prefix_key`."
     return {(prefix if k == 'loss' else f'{prefix}_{k}'): v.detach().float() for k, v in losses.items()
             if torch.is_tensor(v) and v.ndim == 0}
+
+_terms = logged_terms   # the name step functions outside this module imported first
 
 # %% ../nbs/12_steps.ipynb #f7a0227a
 def class_mix(src: dict, tgt: dict, pl_main: torch.Tensor, pl_aux: torch.Tensor | None, generator: torch.Generator,
@@ -143,10 +150,11 @@ def step_source_only(ctx: StepContext, src: dict, tgt: dict) -> dict:
     "Source-only: the source loss alone."
     src = reference_flows(ctx, src)
     s = source_loss(ctx, src, tgt['d']); s['loss'].backward()
-    return _terms('src', s)
+    return logged_terms('src', s)
 
 def _self_training_step(ctx: StepContext, src: dict, tgt: dict, source: str) -> dict:
-    "Source loss, then lambda_t x student loss against the teacher's pseudo labels from `source`; both backpropagated."
+    "EMA update (`train.teacher='ema'`), source loss, then lambda_t x student loss against the teacher's pseudo labels from `source`."
+    update_teacher(ctx)                                               # the teacher of this iteration, before any pass
     src, tgt = reference_flows(ctx, src), reference_flows(ctx, tgt)
     s = source_loss(ctx, src, tgt['d']); s['loss'].backward()
     pl = target_pseudo_labels(ctx, tgt, source)
@@ -157,7 +165,7 @@ def _self_training_step(ctx: StepContext, src: dict, tgt: dict, source: str) -> 
     u = student_loss(ctx, student, pl_main, pl_aux, w); u['loss'].backward()
     if w is not None: u['weight'] = w.mean()
     if ctx.cfg.train.class_mix: u['mixed'] = m_d.float().mean()
-    return {**_terms('src', s), **_terms('tgt', u), **pseudo_label_stats(ctx, pl.main, tgt)}
+    return {**logged_terms('src', s), **logged_terms('tgt', u), **pseudo_label_stats(ctx, pl.main, tgt)}
 
 def step_tps(ctx: StepContext, src: dict, tgt: dict) -> dict:
     "TPS: source loss + lambda_t x student loss against cross-frame pseudo labels of the previous pair."
@@ -174,7 +182,7 @@ def step_oracle(ctx: StepContext, src: dict, tgt: dict) -> dict:
         out = ctx.net(ctx.inp(tgt['d']), ctx.inp(tgt['c']), tgt['flow_dc'])
         s = seg_loss(out.fused_main, out.fused_aux, tgt['label'], ctx.cfg.train.lambda_aux, ctx.cfg.train.legacy_ce)
     s['loss'].backward()
-    return _terms('tgt', s)
+    return logged_terms('tgt', s)
 
 STEPS = {'source_only': step_source_only, 'pixmatch': step_pixmatch, 'tps': step_tps, 'oracle': step_oracle}
 "The step function of each `train.method`."

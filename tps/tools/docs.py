@@ -49,9 +49,7 @@ def write_readme(root=None, check: bool = False) -> int:
     if old != text: atomic_write(readme, text.encode())
     return 0
 
-
-
-# %% ../../nbs/24_tools.docs.ipynb #78b1ea90
+# %% ../../nbs/24_tools.docs.ipynb #2e03a290
 RESULTS_OF = {'adapt': 'demo', 'qualitative': 'demo', 'calibration': 'calibration', 'gap_sweep': 'gap_sweep',
               'ablation': 'ablation', 'benchmark': 'benchmark'}
 "The `results/` folder each experiment notebook's committed results live in."
@@ -110,6 +108,7 @@ def page_anchors(md: str) -> list:
     walk(conv.toc_tokens)
     return list(dict.fromkeys(ids + re.findall(r'''\b(?:id|name)=["']([^"']+)["']''', html)))
 
+# %% ../../nbs/24_tools.docs.ipynb #e5bee07a
 def match_anchor(frag: str, ids) -> str | None:
     "The id of `ids` that the link fragment `frag` means: itself, else its Jupyter form (`Flow-warping`) slugged; else None."
     from markdown.extensions.toc import slugify
@@ -134,109 +133,144 @@ def _mkdocs_yml(site_name: str, desc: str, nav: list, site_dir: Path) -> str:
     return json.dumps(cfg, indent=1)  # JSON is YAML
 
 def _legend_png(setting: str) -> bytes:
-    import io
     from tps.viz import legend, save_figure
     lg = legend(setting, ncol=8)
     with tempfile.TemporaryDirectory() as d:
         return save_figure(lg.figure, Path(d) / 'l.png', dpi=90).read_bytes()
 
+# %% ../../nbs/24_tools.docs.ipynb #3d4eaeb0
+class _Site:
+    "One docs build in progress: the settings, the page of each source file, and what the pages collect on the way."
+    def __init__(self, root: Path, docs: Path):
+        self.root, self.docs, self.st = root, docs, _settings(root)
+        self.git_url = self.st.get('git_url', '').rstrip('/')
+        self.broken, self.bad_anchors, self.nav_nbs, self.nav_exp, self.texts, self.anchors = [], [], [], [], {}, []
+        self.nb_pages = _nb_pages(root)
+        self.readme_nb = 'nbs/' + self.st.get('readme_nb', 'index.ipynb')
+        self.page_of = {p: ('index.md' if p == self.readme_nb else p[:-len('.ipynb')] + '.md') for p in self.nb_pages}
+        self.page_of.update({'README.md': 'index.md', 'data/README.md': 'data.md'})
+        self.documented = {}                  # notebook -> the names it documents (API pages link to them)
+
+    def put(self, rel, data):
+        "Write `data` (bytes or text) to the page or asset `rel` of the site's sources."
+        p = self.docs / rel; p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data if isinstance(data, bytes) else data.encode())
+
+    def anchor_for(self, page):
+        "Fragments of links to pages become placeholders, resolved once every page exists."
+        def fn(p, frag):
+            if p not in self.page_of: return frag
+            self.anchors.append((self.page_of[p], frag, page))
+            return f'{_ANCHOR_TOKEN}{len(self.anchors) - 1}x'
+        return fn
+
+    def target_for(self, page):
+        "Where a link of `page` to a repository path goes: its page, a copied asset, or the file on the git host."
+        root, st = self.root, self.st
+        def fn(p):
+            if p in self.page_of: new = self.page_of[p]
+            elif Path(p).suffix.lower() in _ASSET_EXT and (root / p).is_file():
+                self.put(p, (root / p).read_bytes()); new = p
+            elif self.git_url: return f"{self.git_url}/{'tree' if (root / p).is_dir() else 'blob'}/{st.get('branch', 'main')}/{p}"
+            else: return None
+            return os.path.relpath(new, os.path.dirname(page) or '.').replace(os.sep, '/')
+        return fn
+
+# %% ../../nbs/24_tools.docs.ipynb #2ba8a5e9
+def _notebook_page(site: _Site, nb: str):
+    "The page of notebook `nb`: its markdown (a warning page if it does not convert), its files, its navigation entry."
+    root, page = site.root, site.page_of[nb]
+    files_dir = Path(page).stem + '_files'
+    doc_names = set()
+    try: md, files = notebook_markdown(root / nb, root, site.target_for(page), files_dir, site.broken, doc_names, site.anchor_for(page))
+    except Exception as e:  # a notebook being edited must not take the whole site down
+        print(f'warning: could not convert {nb}: {type(e).__name__}: {e}', file=sys.stderr)
+        md, files = f'# {Path(nb).stem}\n\n!!! warning "Could not convert `{nb}`"\n    `{type(e).__name__}: {e}`\n', {}
+    if '/experiments/' in nb and (extra := results_section(root, Path(nb).stem)):
+        md = md.rstrip() + '\n\n' + rewrite_links(extra, (root / nb).parent, root, site.target_for(page), site.broken,
+                                                      site.anchor_for(page), nb)
+    site.documented[nb] = doc_names
+    for name, data in files.items(): site.put(str(Path(page).parent / name), data)
+    if page == 'index.md':
+        md += ('\n## Class colours\n\nEvery figure draws the train ids of the two settings in the Cityscapes colours '
+               '(`tps.viz.palette`):\n\n![VIPER setting, 15 classes](assets/classes_viper.png)\n\n'
+               '![SYNTHIA setting, 12 classes](assets/classes_synthia.png)\n')
+        site.put('assets/classes_viper.png', _legend_png('viper')); site.put('assets/classes_synthia.png', _legend_png('synthia'))
+    site.texts[page] = md
+    if page != 'index.md':
+        try: label = notebook_title(root / nb)
+        except Exception: label = Path(nb).stem
+        (site.nav_exp if '/experiments/' in nb else site.nav_nbs).append({label: page})
+
+def _data_page(site: _Site):
+    "The data layouts page from `data/README.md` (a note if it is empty)."
+    root = site.root
+    data_md = (root / 'data' / 'README.md')
+    dtext = data_md.read_text() if data_md.exists() else ''
+    if not dtext.strip(): dtext = '# Data layouts and flow files\n\n*`data/README.md` is empty.*\n'
+    site.texts['data.md'] = rewrite_links(dtext, root / 'data', root, site.target_for('data.md'), site.broken,
+                                          site.anchor_for('data.md'), 'data/README.md' if data_md.exists() else None)
+
+def _write_pages(site: _Site):
+    "Every page written, its link fragments resolved to the ids of the target page's headings (unknown ones dropped and reported)."
+    ids = {}
+    def resolve(m):
+        page, frag, src = site.anchors[int(m[1])]
+        if page not in ids: ids[page] = page_anchors(site.texts.get(page, ''))
+        new = match_anchor(frag, ids[page])
+        if new is None: site.bad_anchors.append(f'#{frag} in a link from {src} to {page}: no heading has that id')
+        return '#' + new if new else ''
+    for page, md in site.texts.items(): site.put(page, re.sub(f'#{_ANCHOR_TOKEN}(\\d+)x', resolve, md))
+
+# %% ../../nbs/24_tools.docs.ipynb #a7afc857
+def _api_pages(site: _Site) -> list:
+    "One API page per module of the package, each linking to its notebook; the navigation entries."
+    nav_api, titles = [], {}
+    for mod in package_modules(site.st.get('lib_name', 'tps')):
+        page = f'api/{mod}.md'
+        def nb_link(name, mod=mod, page=page):
+            nb = module_notebook(importlib.import_module(mod))
+            if nb not in site.page_of: return f'`{nb}`' if nb else 'its notebook'
+            if nb not in titles: titles[nb] = notebook_title(site.root / nb)
+            rel = os.path.relpath(site.page_of[nb], 'api')
+            anchor = f'#{name}' if name and name in site.documented.get(nb, ()) else ''
+            return f'[{titles[nb]}]({rel}{anchor}) (`{nb}`)'
+        try: mdtext = api_markdown(mod, nb_link)
+        except Exception as e: mdtext = f'# `{mod}`\n\n!!! warning "Could not document"\n    `{type(e).__name__}: {e}`\n'
+        site.put(page, mdtext); nav_api.append({mod: page})
+    return nav_api
+
+def _run_mkdocs(site: _Site, tmp: Path, nav_api: list, out: Path, quiet: bool):
+    "Write `mkdocs.yml` with the navigation and build the site into `out`; a failed build raises with MkDocs' output."
+    root, st, readme_nb = site.root, site.st, site.readme_nb
+    title = notebook_title(root / readme_nb) if (root / readme_nb).exists() else st.get('title', 'docs')
+    nav = [{'Home': 'index.md'}, {'Data layouts and flow files': 'data.md'}, {'Notebooks': site.nav_nbs}]
+    if site.nav_exp: nav.append({'Experiments': site.nav_exp})
+    nav.append({'API reference': nav_api})
+    (tmp / 'mkdocs.yml').write_text(_mkdocs_yml(title, st.get('description', ''), nav, out))
+    r = subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--clean', '-f', str(tmp / 'mkdocs.yml')] + (['-q'] if quiet else []),
+                       capture_output=True, text=True, cwd=tmp, env={**os.environ, 'NO_MKDOCS_2_WARNING': '1'})
+    if r.returncode != 0:
+        raise RuntimeError(f"mkdocs build failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr}")
+    if r.stderr.strip() and not quiet: print(r.stderr, file=sys.stderr)
+
 def build_site(root=None, out=None, quiet: bool = True) -> Path:
     "Build the docs site of the project at `root` into `out` (default `<root>/_docs`); returns `out`."
     t0 = time.time()
     root = project_root(root)
-    st = _settings(root)
-    out = Path(out or root / st.get('doc_path', '_docs')).resolve()
-    git_url = st.get('git_url', '').rstrip('/')
-    broken, bad_anchors, nav_nbs, nav_exp, texts, anchors = [], [], [], [], {}, []
-    nb_pages = _nb_pages(root)
-    readme_nb = 'nbs/' + st.get('readme_nb', 'index.ipynb')
-    page_of = {p: ('index.md' if p == readme_nb else p[:-len('.ipynb')] + '.md') for p in nb_pages}
-    page_of.update({'README.md': 'index.md', 'data/README.md': 'data.md'})
+    out = Path(out or root / _settings(root).get('doc_path', '_docs')).resolve()
     with tempfile.TemporaryDirectory(prefix='tps-docs-') as tmp:
         tmp = Path(tmp); docs = tmp / 'docs'; docs.mkdir()
-        def put(rel, data):
-            p = docs / rel; p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(data if isinstance(data, bytes) else data.encode())
-        def anchor_for(page):
-            "Fragments of links to pages become placeholders, resolved once every page exists."
-            def fn(p, frag):
-                if p not in page_of: return frag
-                anchors.append((page_of[p], frag, page))
-                return f'{_ANCHOR_TOKEN}{len(anchors) - 1}x'
-            return fn
-        def target_for(page):
-            def fn(p):
-                if p in page_of: new = page_of[p]
-                elif Path(p).suffix.lower() in _ASSET_EXT and (root / p).is_file():
-                    put(p, (root / p).read_bytes()); new = p
-                elif git_url: return f"{git_url}/{'tree' if (root / p).is_dir() else 'blob'}/{st.get('branch', 'main')}/{p}"
-                else: return None
-                return os.path.relpath(new, os.path.dirname(page) or '.').replace(os.sep, '/')
-            return fn
-        documented = {}
-        for nb in nb_pages:
-            page = page_of[nb]
-            files_dir = Path(page).stem + '_files'
-            doc_names = set()
-            try: md, files = notebook_markdown(root / nb, root, target_for(page), files_dir, broken, doc_names, anchor_for(page))
-            except Exception as e:  # a notebook being edited must not take the whole site down
-                print(f'warning: could not convert {nb}: {type(e).__name__}: {e}', file=sys.stderr)
-                md, files = f'# {Path(nb).stem}\n\n!!! warning "Could not convert `{nb}`"\n    `{type(e).__name__}: {e}`\n', {}
-            if '/experiments/' in nb and (extra := results_section(root, Path(nb).stem)):
-                md = md.rstrip() + '\n\n' + rewrite_links(extra, (root / nb).parent, root, target_for(page), broken,
-                                                              anchor_for(page), nb)
-            documented[nb] = doc_names
-            for name, data in files.items(): put(str(Path(page).parent / name), data)
-            if page == 'index.md':
-                md += ('\n## Class colours\n\nEvery figure draws the train ids of the two settings in the Cityscapes colours '
-                       '(`tps.viz.palette`):\n\n![VIPER setting, 15 classes](assets/classes_viper.png)\n\n'
-                       '![SYNTHIA setting, 12 classes](assets/classes_synthia.png)\n')
-                put('assets/classes_viper.png', _legend_png('viper')); put('assets/classes_synthia.png', _legend_png('synthia'))
-            texts[page] = md
-            if page != 'index.md':
-                try: label = notebook_title(root / nb)
-                except Exception: label = Path(nb).stem
-                (nav_exp if '/experiments/' in nb else nav_nbs).append({label: page})
-        put('assets/javascripts/iframe-worker-shim.js', _asset('iframe-worker-shim.js'))
-        data_md = (root / 'data' / 'README.md')
-        dtext = data_md.read_text() if data_md.exists() else ''
-        if not dtext.strip(): dtext = '# Data layouts and flow files\n\n*`data/README.md` is empty.*\n'
-        texts['data.md'] = rewrite_links(dtext, root / 'data', root, target_for('data.md'), broken, anchor_for('data.md'),
-                                         'data/README.md' if data_md.exists() else None)
-        ids = {}
-        def resolve(m):
-            page, frag, src = anchors[int(m[1])]
-            if page not in ids: ids[page] = page_anchors(texts.get(page, ''))
-            new = match_anchor(frag, ids[page])
-            if new is None: bad_anchors.append(f'#{frag} in a link from {src} to {page}: no heading has that id')
-            return '#' + new if new else ''
-        for page, md in texts.items(): put(page, re.sub(f'#{_ANCHOR_TOKEN}(\\d+)x', resolve, md))
-        nav_api, titles = [], {}
-        for mod in package_modules(st.get('lib_name', 'tps')):
-            page = f'api/{mod}.md'
-            def nb_link(name, mod=mod, page=page):
-                nb = module_notebook(importlib.import_module(mod))
-                if nb not in page_of: return f'`{nb}`' if nb else 'its notebook'
-                if nb not in titles: titles[nb] = notebook_title(root / nb)
-                rel = os.path.relpath(page_of[nb], 'api')
-                anchor = f'#{name}' if name and name in documented.get(nb, ()) else ''
-                return f'[{titles[nb]}]({rel}{anchor}) (`{nb}`)'
-            try: mdtext = api_markdown(mod, nb_link)
-            except Exception as e: mdtext = f'# `{mod}`\n\n!!! warning "Could not document"\n    `{type(e).__name__}: {e}`\n'
-            put(page, mdtext); nav_api.append({mod: page})
-        title = notebook_title(root / readme_nb) if (root / readme_nb).exists() else st.get('title', 'docs')
-        nav = [{'Home': 'index.md'}, {'Data layouts and flow files': 'data.md'}, {'Notebooks': nav_nbs}]
-        if nav_exp: nav.append({'Experiments': nav_exp})
-        nav.append({'API reference': nav_api})
-        (tmp / 'mkdocs.yml').write_text(_mkdocs_yml(title, st.get('description', ''), nav, out))
-        r = subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--clean', '-f', str(tmp / 'mkdocs.yml')] + (['-q'] if quiet else []),
-                           capture_output=True, text=True, cwd=tmp, env={**os.environ, 'NO_MKDOCS_2_WARNING': '1'})
-        if r.returncode != 0:
-            raise RuntimeError(f"mkdocs build failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr}")
-        if r.stderr.strip() and not quiet: print(r.stderr, file=sys.stderr)
-    for b in dict.fromkeys(broken): print(f'warning: broken link kept as text: {b}', file=sys.stderr)
-    for b in dict.fromkeys(bad_anchors): print(f'warning: broken anchor dropped: {b}', file=sys.stderr)
-    print(f'docs site built into {out} ({len(nb_pages)} notebooks, {len(nav_api)} API pages) in {time.time() - t0:.1f} s')
+        site = _Site(root, docs)
+        for nb in site.nb_pages: _notebook_page(site, nb)
+        site.put('assets/javascripts/iframe-worker-shim.js', _asset('iframe-worker-shim.js'))
+        _data_page(site)
+        _write_pages(site)
+        nav_api = _api_pages(site)
+        _run_mkdocs(site, tmp, nav_api, out, quiet)
+    for b in dict.fromkeys(site.broken): print(f'warning: broken link kept as text: {b}', file=sys.stderr)
+    for b in dict.fromkeys(site.bad_anchors): print(f'warning: broken anchor dropped: {b}', file=sys.stderr)
+    print(f'docs site built into {out} ({len(site.nb_pages)} notebooks, {len(nav_api)} API pages) in {time.time() - t0:.1f} s')
     return out
 
 # %% ../../nbs/24_tools.docs.ipynb #b82a107d

@@ -15,7 +15,7 @@ from ..flow import (DIS_PRESETS, FLOW_SUFFIX, METHODS, FlowFileError, _SYNTHIA_R
 # %% auto #0
 __all__ = ['DEFAULT_FLOW_SIZE', 'FlowJob', 'flow_jobs', 'precompute_flows', 'main']
 
-# %% ../../nbs/20_tools.flows.ipynb #f45ae4d3
+# %% ../../nbs/20_tools.flows.ipynb #1c9b5c2a
 DEFAULT_FLOW_SIZE = {'cityscapes': (1024, 512), 'viper': (1024, 576), 'synthia': (683, 341)}  # (W, H) of the published flows
 _CITY_ANY = re.compile(r'^(?P<city>.+?)_(?P<seq>\d{6})_(?P<frame>\d{6})(?!\d)')
 _IMG_EXTS = ('.png', '.jpg', '.jpeg')
@@ -68,6 +68,7 @@ def _cityscapes_jobs(root: Path, split: str, intervals, list_file) -> list[FlowJ
             jobs.setdefault(name, FlowJob(img(c, s, t), img(c, s, p), name))
     return list(jobs.values())
 
+# %% ../../nbs/20_tools.flows.ipynb #379b10e8
 def _viper_jobs(root: Path, split: str, list_file) -> list[FlowJob]:
     img_dir = root / split / 'img'
     if not img_dir.is_dir(): raise FileNotFoundError(f"VIPER frames not found: {img_dir} (expected <split>/img/<seq>/<seq>_<frame>.jpg)")
@@ -108,7 +109,7 @@ def flow_jobs(dataset: str, root, split: str = 'train', interval=(1,), list_file
     if dataset == 'synthia': return _synthia_jobs(root, list_file)
     raise ValueError(f"unknown dataset {dataset!r} (expected 'cityscapes', 'viper' or 'synthia')")
 
-# %% ../../nbs/20_tools.flows.ipynb #96122c5a
+# %% ../../nbs/20_tools.flows.ipynb #0b9d7488
 def _load_frame(path: Path, dataset: str, size) -> np.ndarray:
     "RGB `H x W x 3` uint8 frame as the flow estimator sees it (SYNTHIA bottom cut, then resized to `size` (W, H))."
     import cv2
@@ -156,6 +157,7 @@ def _run_batch(jobs, out: Path, dataset: str, size, method, preset, overwrite, w
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
+# %% ../../nbs/20_tools.flows.ipynb #53922469
 def _die_with_parent(parent_pid: int | None = None) -> bool:
     "Linux: ask the kernel to SIGKILL this process when its parent dies; exit now if `parent_pid` is already gone. False elsewhere."
     if not sys.platform.startswith('linux'): return False
@@ -250,7 +252,7 @@ def precompute_flows(jobs, out, dataset: str, size=None, method: str = 'dis', pr
         bar.close()
     return dict(counts, failures=failures, interrupted=interrupted)
 
-# %% ../../nbs/20_tools.flows.ipynb #8776ef99
+# %% ../../nbs/20_tools.flows.ipynb #a8a2884e
 def _parse_size(s: str, dataset: str):
     if s == 'auto': return DEFAULT_FLOW_SIZE[dataset]
     if s == 'native': return None
@@ -258,6 +260,7 @@ def _parse_size(s: str, dataset: str):
     if not m: raise argparse.ArgumentTypeError(f"--size {s!r}: expected WxH (e.g. 1024x512), 'auto' or 'native'")
     return int(m[1]), int(m[2])
 
+# %% ../../nbs/20_tools.flows.ipynb #1999ad94
 def main(argv=None) -> int:
     "`tps-flow`: precompute every flow a dataset split needs into the published names (resumable)."
     ap = argparse.ArgumentParser(prog='tps-flow', description=main.__doc__.strip('`'))

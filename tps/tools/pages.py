@@ -110,7 +110,7 @@ def rewrite_links(md: str, src_dir: Path, root: Path, target_fn, broken: list | 
         return f'{m.group(1)}{m.group(2)}{new}{m.group(2)}'
     return _outside_code(md, lambda s: _re_htmllink.sub(html_sub, _re_mdlink.sub(md_sub, s)))
 
-# %% ../../nbs/22_tools.pages.ipynb #915b9f0e
+# %% ../../nbs/22_tools.pages.ipynb #07ea68a1
 _re_showdoc = re.compile(r'^\s*show_doc\(\s*([A-Za-z_][\w.]*)\s*(?:,[^)]*)?\)\s*;?\s*$')
 
 def _showdoc_names(code: str) -> list | None:
@@ -146,6 +146,7 @@ def notebook_title(nb_path) -> str:
             if m: return m.group(1)
     return Path(nb_path).stem
 
+# %% ../../nbs/22_tools.pages.ipynb #a0e18de1
 def notebook_markdown(nb_path, root, target_fn, files_dir: str, broken: list | None = None,
                       documented: set | None = None, anchor_fn=None) -> tuple:
     "`(markdown, {relative_file: bytes})` of a notebook, with links through `target_fn` and images under `files_dir`."
@@ -200,7 +201,7 @@ def _tidy(md: str) -> str:
     parts.append(re.sub(r'\n{3,}', '\n\n', re.sub(r'[ \t]+\n', '\n', md[pos:])))
     return ''.join(parts).strip() + '\n'
 
-# %% ../../nbs/22_tools.pages.ipynb #5cb71c5a
+# %% ../../nbs/22_tools.pages.ipynb #f2c4283b
 def _sig(obj, width: int = 88) -> str:
     "The signature of `obj`, string annotations evaluated where possible, one parameter a line when long."
     try:
@@ -241,6 +242,7 @@ def _attr_docs(module) -> dict:
                 if isinstance(t, ast.Name): out[t.id] = b.value.value
     return out
 
+# %% ../../nbs/22_tools.pages.ipynb #5dcf3b7d
 def symbol_markdown(obj, name: str, level: int = 2, doc: str | None = None, link: str | None = None) -> str:
     "Markdown for one documented name: heading with anchor, signature or value, docstring, parameter table, methods."
     short = name.split('.')[-1]
@@ -297,6 +299,7 @@ def api_markdown(modname: str, nb_link=None, documented: set = frozenset()) -> s
                                    link=(f'Defined in {nb_link(n if n in documented else None)}.' if nb_link else None)))
     return '\n\n'.join(x for x in out if x) + '\n'
 
+# %% ../../nbs/22_tools.pages.ipynb #2c24fd1c
 def package_modules(lib: str = 'tps') -> list:
     "Dotted names of the package's modules (nbdev's `_modidx` and `__main__` left out), sorted."
     pkg = importlib.import_module(lib)

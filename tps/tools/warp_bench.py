@@ -10,7 +10,7 @@ from ..warp import _flow_warp_grid_sample, _flow_warp_torch, _quiet_cpp_extensio
 # %% auto #0
 __all__ = ['WARP_BENCH_SIZES', 'copy_bandwidth', 'benchmark_warp', 'format_benchmark']
 
-# %% ../../nbs/21_tools.warp_bench.ipynb #c9fb5948
+# %% ../../nbs/21_tools.warp_bench.ipynb #4ce4e2ce
 WARP_BENCH_SIZES = [(12, 65, 129), (15, 65, 129), (19, 65, 129), (12, 91, 161), (15, 91, 161), (19, 91, 161),
                     (2048, 65, 129), (19, 512, 1024)]
 "(C, H, W) sizes TPS warps: class scores at 1/8 of 1024x512 (and 1280x720), layer4 features, full-size scores."
@@ -67,6 +67,7 @@ def benchmark_warp(device='cpu', sizes=None, impls=('torch', 'grid_sample', 'cud
             del xr, fr
     return rows
 
+# %% ../../nbs/21_tools.warp_bench.ipynb #c1ec512d
 def format_benchmark(rows: list[dict]) -> str:
     "A fixed-width text table of `benchmark_warp` rows."
     head = f"{'impl':<12}{'pass':<9}{'C':>6}{'H':>6}{'W':>6}{'ms':>11}{'GB/s':>9}{'of copy':>9}{'x torch':>9}"
