@@ -12,7 +12,7 @@ import torch.distributed as dist
 from .model import unwrap
 from .warp import forward_splat
 from .losses import seg_loss
-from .steps import StepContext, reference_flows, _terms
+from .steps import StepContext, reference_flows, logged_terms
 from .train import poly_lr
 
 # %% auto #0
@@ -136,6 +136,6 @@ def step_davsn(ctx: StepContext, src: dict, tgt: dict) -> dict:
         for g in opt.param_groups: g['lr'] = lr_d
         opt.step()
     det = lambda v: v.detach().float()
-    return {**_terms('src', s), 'tgt_itcr': det(itcr), 'tgt_itcr_aux': det(itcr_aux), 'tgt_adv_sta': det(g_sta),
+    return {**logged_terms('src', s), 'tgt_itcr': det(itcr), 'tgt_itcr_aux': det(itcr_aux), 'tgt_adv_sta': det(g_sta),
             'tgt_adv_sa': det(g_sa), 'd_src': det(sum(d_src)), 'd_tgt': det(sum(d_tgt)), 'd_wd': det(wd),
             'grad_norm': det(net_norm)}

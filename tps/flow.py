@@ -11,7 +11,7 @@ import torch
 from .utils import atomic_write
 
 # %% auto #0
-__all__ = ['FLOW_SUFFIX', 'DIS_PRESETS', 'METHODS', 'FlowFileError', 'read_flow', 'as_reference_float64', 'write_flow',
+__all__ = ['FLOW_SUFFIX', 'DIS_PRESETS', 'FLOW_METHODS', 'FlowFileError', 'read_flow', 'as_reference_float64', 'write_flow',
            'flow_name', 'flow_path', 'flow_to_color', 'warp_error', 'load_raft', 'estimate_flow', 'estimate_flow_batch']
 
 # %% ../nbs/03_flow.ipynb #29df50c7
@@ -164,7 +164,7 @@ def warp_error(frame_t, frame_prev, flow) -> torch.Tensor:
 
 # %% ../nbs/03_flow.ipynb #de00b017
 DIS_PRESETS = {'ultrafast': 0, 'fast': 1, 'medium': 2}  # cv2.DISOPTICAL_FLOW_PRESET_*
-METHODS = ('dis', 'raft_small', 'raft_large')
+FLOW_METHODS = ('dis', 'raft_small', 'raft_large')
 
 def _dis_flow(ft: torch.Tensor, fp: torch.Tensor, preset: str) -> torch.Tensor:
     import cv2
@@ -226,7 +226,7 @@ def estimate_flow(frame_t, frame_prev, method: str = 'dis', preset: str = 'mediu
     if method == 'dis': return _dis_flow(ft.cpu(), fp.cpu(), preset)
     if method in ('raft_small', 'raft_large'):
         return _raft_flow(ft[None], fp[None], load_raft(method, weights, device), iters)[0]
-    raise ValueError(f"unknown flow method {method!r} (expected one of {METHODS})")
+    raise ValueError(f"unknown flow method {method!r} (expected one of {FLOW_METHODS})")
 
 def estimate_flow_batch(frames_t, frames_prev, method: str = 'raft_small', preset: str = 'medium', weights=None,
                         device=None, iters: int = 12, batch_size: int = 8) -> torch.Tensor:
@@ -236,7 +236,7 @@ def estimate_flow_batch(frames_t, frames_prev, method: str = 'raft_small', prese
         raise ValueError(f"expected two uint8 batches (B, 3, H, W) of one shape, got {tuple(frames_t.shape)} and {tuple(frames_prev.shape)}")
     if method == 'dis':
         return torch.stack([estimate_flow(a, b, 'dis', preset) for a, b in zip(frames_t, frames_prev)])
-    if method not in ('raft_small', 'raft_large'): raise ValueError(f"unknown flow method {method!r} (expected one of {METHODS})")
+    if method not in ('raft_small', 'raft_large'): raise ValueError(f"unknown flow method {method!r} (expected one of {FLOW_METHODS})")
     if frames_t.dtype != torch.uint8: raise ValueError(f"expected uint8 RGB frames, got {frames_t.dtype}")
     model = load_raft(method, weights, device)
     return torch.cat([_raft_flow(frames_t[i:i + batch_size], frames_prev[i:i + batch_size], model, iters)

@@ -17,7 +17,7 @@ from .warp import forward_splat
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['STEPS', 'StepContext', 'source_loss', 'teacher_of', 'update_teacher', 'target_pseudo_labels', 'student_loss',
+__all__ = ['StepContext', 'source_loss', 'teacher_of', 'update_teacher', 'target_pseudo_labels', 'student_loss',
            'reference_flows', 'pseudo_label_stats', 'logged_terms', 'class_mix', 'step_source_only', 'step_tps',
            'step_pixmatch', 'step_oracle', 'random_batches']
 
@@ -110,8 +110,6 @@ def logged_terms(prefix: str, losses: dict) -> dict:
     return {(prefix if k == 'loss' else f'{prefix}_{k}'): v.detach().float() for k, v in losses.items()
             if torch.is_tensor(v) and v.ndim == 0}
 
-_terms = logged_terms   # the name step functions outside this module imported first
-
 # %% ../nbs/12_steps.ipynb #f7a0227a
 def class_mix(src: dict, tgt: dict, pl_main: torch.Tensor, pl_aux: torch.Tensor | None, generator: torch.Generator,
               num_classes: int) -> tuple:
@@ -183,9 +181,6 @@ def step_oracle(ctx: StepContext, src: dict, tgt: dict) -> dict:
         s = seg_loss(out.fused_main, out.fused_aux, tgt['label'], ctx.cfg.train.lambda_aux, ctx.cfg.train.legacy_ce)
     s['loss'].backward()
     return logged_terms('tgt', s)
-
-STEPS = {'source_only': step_source_only, 'pixmatch': step_pixmatch, 'tps': step_tps, 'oracle': step_oracle}
-"The step function of each `train.method`."
 
 # %% ../nbs/12_steps.ipynb #ae57993b
 def random_batches(cfg: Config, n: int = 1, seed: int = 0) -> list:

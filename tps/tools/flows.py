@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NamedTuple
 import numpy as np
 import torch
-from ..flow import (DIS_PRESETS, FLOW_SUFFIX, METHODS, FlowFileError, _SYNTHIA_RE, _VIPER_RE, _parse, estimate_flow,
+from ..flow import (DIS_PRESETS, FLOW_SUFFIX, FLOW_METHODS, FlowFileError, _SYNTHIA_RE, _VIPER_RE, _parse, estimate_flow,
                       estimate_flow_batch, flow_name, load_raft, read_flow, write_flow)
 
 # %% auto #0
@@ -206,7 +206,7 @@ def precompute_flows(jobs, out, dataset: str, size=None, method: str = 'dis', pr
     from tqdm.auto import tqdm
     import tps.tools.flows as _m  # workers run the module's functions (picklable by name, also when called from a notebook)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    if method not in METHODS: raise ValueError(f"unknown flow method {method!r} (expected one of {METHODS})")
+    if method not in FLOW_METHODS: raise ValueError(f"unknown flow method {method!r} (expected one of {FLOW_METHODS})")
     if method == 'dis' and preset not in DIS_PRESETS: raise ValueError(f"unknown DIS preset {preset!r} (expected one of {list(DIS_PRESETS)})")
     if method != 'dis': load_raft(method, weights, device)   # fail now on missing/wrong weights
     _remove_stale_tmp(out)
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     ap.add_argument('--split', default='train', help='split (Cityscapes: train/val; VIPER: train/val; ignored for SYNTHIA)')
     ap.add_argument('--out', required=True, help='flow root: Cityscapes writes OUT/<split>/, VIPER and SYNTHIA write OUT/')
     ap.add_argument('--interval', type=int, nargs='+', default=[1], help='Cityscapes intervals k (b = d-k); several allowed')
-    ap.add_argument('--method', default='dis', choices=list(METHODS))
+    ap.add_argument('--method', default='dis', choices=list(FLOW_METHODS))
     ap.add_argument('--preset', default='medium', choices=list(DIS_PRESETS), help='DIS preset')
     ap.add_argument('--weights', default=None, help='RAFT: local state-dict file (never downloaded)')
     ap.add_argument('--device', default=None, help='RAFT device (default: cuda if available)')
