@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_config.ipynb #4dbdb3b5
 from __future__ import annotations
-import dataclasses, math, os, re, typing
+import math, os, re, typing
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import yaml

@@ -4,18 +4,15 @@
 
 # %% ../nbs/17_experiments.ipynb #b2a239b1
 from __future__ import annotations
-import copy, hashlib, json, math, os, shutil, sys, threading, time, warnings
+import copy, hashlib, json, sys, threading, time
 from pathlib import Path
-import numpy as np
-import torch
 from .utils import atomic_write
-from .config import Config, ConfigError, METHODS, apply_overrides, config_to_dict, experiment_config, method_defaults
+from .config import Config, ConfigError, METHODS, experiment_config, method_defaults
 from .data.build import build_source, build_target, check_datasets
-from .runs import config_changes, make_run_dir, resolve_checkpoint, load_model, run_config
+from .runs import config_changes, make_run_dir, resolve_checkpoint, run_config
 from .train import train
-from .evaluate import evaluate, evaluate_run, predict, results_table, write_table
-from .teacher import pseudo_labels
-from .results import METHOD_NAMES, write_results, jsonable, read_metrics, loss_terms
+from .evaluate import evaluate, evaluate_run, results_table, write_table
+from .results import METHOD_NAMES, jsonable, read_metrics, loss_terms
 
 # %% auto #0
 __all__ = ['QUICK_METHODS', 'DEMO_OVERRIDES', 'DEMO_MIX', 'DEMO_DATA', 'DEMO_ITERS', 'DEMO_SEEDS', 'DEMO_WARMUP_SEED',

@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_results.ipynb #cc39a1c2
 from __future__ import annotations
-import json, math, shutil
+import json, math
 from pathlib import Path
 import numpy as np
 from .utils import atomic_write

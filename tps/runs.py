@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from .utils import atomic_write, kit_root, resolve_device
 from .config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
-from .model import TPSNet, CheckpointError, build_model, load_checkpoint, infer_model_kwargs, read_state_dict
+from .model import TPSNet, CheckpointError, load_checkpoint, infer_model_kwargs, read_state_dict
 
 # %% auto #0
 __all__ = ['PATH_KEYS', 'FREE_KEYS', 'git_info', 'env_info', 'absolute_paths', 'make_run_dir', 'checkpoint_path',

@@ -6,11 +6,10 @@
 from __future__ import annotations
 import dataclasses, importlib, json, os, resource, signal, sys, threading, time, warnings
 from pathlib import Path
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from .utils import atomic_write, resolve_device
+from .utils import atomic_write
 from .config import Config, ConfigError, METHODS, config_to_dict, config_from_dict, load_config, validate
 from .model import build_model, param_groups, unwrap, CheckpointError
 from .data.core import to_device

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_viz.ipynb #0303b80a
 from __future__ import annotations
-import io, os
+import io
 from pathlib import Path
 import numpy as np
 from .config import CLASS_NAMES, IGNORE

@@ -7,11 +7,11 @@ from __future__ import annotations
 import os, re
 from collections import defaultdict
 from pathlib import Path
-import numpy as np
 import torch
+from ..flow import flow_path
 from .core import (FrameDataset, DatasetError, CITYSCAPES_TO_TRAIN, make_lut, map_label, read_rgb, read_label, resize_rgb,
-                           resize_label, to_chw, load_frame, load_flow, flow_path, read_list, check_dirs,
-                           validate_samples, _loading)
+                           resize_label, to_chw, load_frame, load_flow, read_list, check_dirs,
+                           validate_samples)
 
 # %% auto #0
 __all__ = ['CityscapesSeq']

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/04_data.core.ipynb #92fc8519
 from __future__ import annotations
-import contextlib, logging, os, re, time
+import contextlib, logging, os, time
 from pathlib import Path
 import numpy as np
 import cv2
@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 import torchvision.transforms.v2.functional as TF
 from cityscapesscripts.helpers.labels import name2label
-from ..config import CLASS_NAMES, ConfigError
-from ..flow import read_flow, flow_path, FlowFileError
+from ..config import CLASS_NAMES
+from ..flow import read_flow, FlowFileError
 
 log = logging.getLogger('tps.data')
 

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import numpy as np
 import cv2
-from .scene import CLASSES, _CLASS_INDEX, _BUILDING, _GAP, Scene, make_scene, class_colors, target_style
+from .scene import _CLASS_INDEX, _BUILDING, _GAP, Scene, make_scene, class_colors, target_style
 
 # %% auto #0
 __all__ = ['render', 'visible', 'domain_figure']

@@ -7,9 +7,9 @@ from __future__ import annotations
 import os, re
 from pathlib import Path
 import torch
+from ..flow import flow_path
 from .core import (FrameDataset, DatasetError, SYNTHIA_TO_TRAIN, make_lut, map_label, read_rgb, read_label, resize_rgb,
-                           resize_label, to_chw, load_flow, flow_path, read_list, check_dirs, validate_samples,
-                           _loading)
+                           resize_label, to_chw, load_flow, read_list, validate_samples)
 
 # %% auto #0
 __all__ = ['SYNTHIA_LAYOUTS', 'synthia_resize_size', 'synthia_layout', 'SynthiaSeq']

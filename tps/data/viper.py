@@ -7,9 +7,10 @@ from __future__ import annotations
 import os, re
 from pathlib import Path
 import torch
+from ..flow import flow_path
 from .core import (FrameDataset, DatasetError, VIPER_TO_TRAIN, make_lut, map_label, read_rgb, read_label, resize_rgb,
-                           resize_label, to_chw, load_frame, load_flow, flow_path, read_list, check_dirs,
-                           validate_samples, remove_ego_vehicle, _loading)
+                           resize_label, to_chw, load_frame, load_flow, read_list, check_dirs,
+                           validate_samples, remove_ego_vehicle)
 
 # %% auto #0
 __all__ = ['Viper']
