@@ -105,7 +105,8 @@ class TrainConfig:
     davsn_clip: float = 1.0                    # DA-VSN: gradient-norm clip of the network and of each discriminator
     davsn_ndf: int = 64                        # DA-VSN: channels of the discriminators' first layer (ADVENT: 64)
     seed: int = 1234                           # random seed
-    amp: str = 'bf16'                          # autocast precision on GPU: 'bf16' or 'fp32' (CPU always runs fp32)
+    amp: str = 'bf16'                          # autocast precision on GPU: 'bf16' or 'fp32'
+    cpu_amp: str = 'fp32'                      # autocast precision on the CPU: 'fp32' or 'bf16' (convolutions in bf16; losses, softmax in fp32)
     compile: bool = False                      # torch.compile the model
     deterministic: bool = False                # deterministic algorithms (exact resume on CPU)
     device: str = 'auto'                       # 'auto' (cuda if available), 'cuda', 'cpu'
@@ -181,7 +182,8 @@ def _demo() -> Config:
     d.source, d.source_root, d.source_flow_root = 'viper', 'data/synthetic/viper', 'data/synthetic/viper_flow'
     d.target_root, d.target_flow_root = 'data/synthetic/cityscapes', 'data/synthetic/cityscapes_flow'
     d.source_size, d.target_size, d.num_workers = (256, 144), (256, 128), 0
-    c.model.arch, c.model.num_classes, c.model.channels_last, c.model.width = 'resnet18', 15, False, 32
+    c.model.arch, c.model.num_classes, c.model.channels_last, c.model.width = 'resnet18', 15, True, 32
+    c.train.cpu_amp = 'bf16'                               # on a CPU: bf16 convolutions, channels-last (tps.tools.benchmark)
     t = c.train
     t.iters, t.max_iters, t.lr, t.lambda_t, t.save_every, t.log_every = 300, 300, 5e-3, 1.0, 100, 10
     t.warmup_iters = 150                                   # from scratch: ramp the lr up, no early loss spike
@@ -193,6 +195,7 @@ def _demo() -> Config:
 def _smoke() -> Config:
     c = _demo()
     c.name = 'smoke'
+    c.model.channels_last, c.train.cpu_amp = False, 'fp32'     # the tests' recorded numbers: fp32, contiguous
     c.data.source_size = c.data.target_size = c.eval.input_size = c.eval.label_size = (64, 32)
     t = c.train
     t.device, t.deterministic, t.iters, t.max_iters, t.save_every, t.log_every, t.keep_last = 'cpu', True, 2, 100, 2, 1, 0
@@ -291,7 +294,7 @@ _CHOICES = {'data.source': ('viper', 'synthia'), 'data.flow_dtype': ('float32', 
             'model.arch': ('resnet101', 'resnet50', 'resnet18'), 'model.bn': ('legacy', 'frozen'),
             'model.flow_scale': ('legacy', 'per_axis'), 'model.pass_order': ('cf_kf', 'kf_cf'),
             'model.fusion': ('warp', 'splat'), 'model.splat': ('mean', 'last'),
-            'train.method': ('tps', 'pixmatch', 'davsn', 'source_only', 'oracle'), 'train.amp': ('bf16', 'fp32'),
+            'train.method': ('tps', 'pixmatch', 'davsn', 'source_only', 'oracle'), 'train.amp': ('bf16', 'fp32'), 'train.cpu_amp': ('bf16', 'fp32'),
             'train.hist_match': ('uint8', 'float'), 'eval.split': ('val', 'train', 'holdout', 'source'),
             'eval.mode': ('single', 'best'), 'train.teacher': ('self', 'ema'), 'train.pl_weighting': ('none', 'quality')}
 _AT_LEAST = {'model.width': 8, 'data.interval': 1, 'data.batch_size': 1, 'data.num_workers': 0, 'model.num_classes': 1, 'train.iters': 1,

@@ -85,7 +85,7 @@ def evaluate(cfg: Config, checkpoint_or_model, split: str | None = None, max_fra
     n_save = cfg.eval.save_predictions if save_predictions is None else save_predictions
     setting = setting_of(cfg)
     pred_dir = Path(out_dir or '.')/'predictions'
-    amp = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' and cfg.train.amp == 'bf16' else None
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if (cfg.train.amp if device.type == 'cuda' else cfg.train.cpu_amp) == 'bf16' else None
     cm = torch.zeros(C, C, dtype=torch.long, device=device)
     saved, n = 0, 0
     t0 = time.perf_counter()

@@ -273,7 +273,7 @@ def train(cfg: Config, run_dir=None, on_checkpoint=None, force=(), announce: boo
             # adversarial weight is 0): DDP must be told, or it waits for their all-reduce forever
             model = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None,
                         find_unused_parameters=t.method == 'davsn')
-        amp = torch.bfloat16 if (device.type == 'cuda' and t.amp == 'bf16') else None
+        amp = torch.bfloat16 if (t.amp if device.type == 'cuda' else t.cpu_amp) == 'bf16' else None   # train.cpu_amp on a CPU
         ctx = StepContext(model, cfg, gen, device, amp, channels_last, extras)
         step = METHODS[t.method]
         # ---- logging (the open log window travels with the checkpoint, so a resumed run logs what it would have)

@@ -42,15 +42,15 @@ def conv_flops(cin: int, cout: int, k, out_hw, groups: int = 1, batch: int = 1) 
 
 # %% ../../nbs/23_tools.benchmark.ipynb #60669b63
 @functools.lru_cache(maxsize=4)
-def _meta_net(arch: str, num_classes: int, multi_level: bool) -> TPSNet:
+def _meta_net(arch: str, num_classes: int, multi_level: bool, width: int = 64) -> TPSNet:
     "A `TPSNet` on the meta device (built on the CPU and moved: faster than building under the meta device)."
-    return TPSNet(arch, num_classes, multi_level).to('meta').train()
+    return TPSNet(arch, num_classes, multi_level, width=width).to('meta').train()
 
 def pass_flops(arch: str = 'resnet101', size=(1024, 512), num_classes: int = 15, multi_level: bool = True,
-               backward: bool = False, batch: int = 1) -> int:
-    "FLOPs of one single-frame `TPSNet` pass (backbone + heads) at `size` (W, H), counted on the meta device."
+               backward: bool = False, batch: int = 1, width: int = 64) -> int:
+    "FLOPs of one single-frame `TPSNet` pass (backbone + heads) at `size` (W, H) and `width`, counted on the meta device."
     W, H = size
-    net = _meta_net(arch, num_classes, multi_level)
+    net = _meta_net(arch, num_classes, multi_level, width)
     x = torch.empty(batch, 3, H, W, device='meta')  # (B, 3, H, W)
     def run():
         aux, main = net.single(x)
@@ -60,9 +60,9 @@ def pass_flops(arch: str = 'resnet101', size=(1024, 512), num_classes: int = 15,
 
 # %% ../../nbs/23_tools.benchmark.ipynb #10b2fab8
 def iteration_flops(arch: str = 'resnet101', source_size=(1280, 720), target_size=(1024, 512), num_classes: int = 15,
-                    multi_level: bool = True, scale=(0.8, 1.2), batch: int = 1) -> dict:
-    "FLOPs of one TPS iteration, per part and in total ('total'), from single-frame pass counts."
-    kw = dict(arch=arch, num_classes=num_classes, multi_level=multi_level, batch=batch)
+                    multi_level: bool = True, scale=(0.8, 1.2), batch: int = 1, width: int = 64) -> dict:
+    "FLOPs of one TPS iteration at network `width`, per part and in total ('total'), from single-frame pass counts (the student's at the mean squared scale)."
+    kw = dict(arch=arch, num_classes=num_classes, multi_level=multi_level, batch=batch, width=width)
     s_f, s_fb = pass_flops(size=source_size, **kw), pass_flops(size=source_size, backward=True, **kw)
     t_f, t_fb = pass_flops(size=target_size, **kw), pass_flops(size=target_size, backward=True, **kw)
     lo, hi = scale
@@ -219,7 +219,7 @@ def make_runner(cfg: Config, kind: str = 'fast', device='auto', compile: bool | 
     if (t.compile if compile is None else compile):
         from tps.train import compile_model
         compile_model(net)  # compiles the per-frame pass every step uses (dynamic sizes), as train() does
-    amp = torch.bfloat16 if device.type == 'cuda' and t.amp == 'bf16' else None
+    amp = torch.bfloat16 if (t.amp if device.type == 'cuda' else t.cpu_amp) == 'bf16' else None
     ctx = StepContext(model, cfg, torch.Generator(device).manual_seed(t.seed), device, amp, cl, make_extras(cfg, device))
     return StepRunner(kind, ctx, opt, METHODS[t.method], net)
 
