@@ -70,7 +70,7 @@ def summarise_accuracy(runs: dict, iters: int, base: str = 'fp32') -> dict:
         out['pairs'][name] = p
     return out
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #78e6b797
+# %% ../../nbs/26_tools.cpu_speed.ipynb #d310791a
 def _main(argv=None):
     "`python -m tps.tools.cpu_speed accuracy|loop DATA OUT.json [--seeds 0 1 2] [--iters N] [--rounds R]`: the accuracy check or the training-loop speed, written atomically."
     import argparse
@@ -92,11 +92,11 @@ def _cpu_name() -> str:
     from tps.tools.benchmark import device_name
     return device_name('cpu')
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #aa8d1dc9
+# %% ../../nbs/26_tools.cpu_speed.ipynb #517c5213
 #| eval: false
 if __name__ == '__main__': _main()
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #cfb4c843
+# %% ../../nbs/26_tools.cpu_speed.ipynb #f80dcc29
 def _conv(cin, cout, k, h, w) -> int: return 2 * cout * cin * k * k * h * w
 
 def resnet_pass_flops(arch: str = 'resnet18', size=(256, 128), width: int = 64, num_classes: int = 15,
@@ -125,7 +125,7 @@ def resnet_pass_flops(arch: str = 'resnet18', size=(256, 128), width: int = 64, 
     out['total'] = sum(out.values())
     return out
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #091152e1
+# %% ../../nbs/26_tools.cpu_speed.ipynb #03b5527f
 def conv_flops_hooked(fn: Callable, *args, **kwargs) -> tuple:
     "Run `fn` with a forward hook on every `Conv2d`: `(result, {'forward', 'backward', 'total'})` conv FLOPs by formula, the backward counting only the gradients that run."
     from tps.tools.benchmark import conv_flops
@@ -149,7 +149,7 @@ def iteration_flops_counted(runner, src: dict, tgt: dict, it: int = 0) -> dict:
     return {'counted': counted, 'conv_counted': conv, 'formula': hooked['total'], 'forward': hooked['forward'],
             'backward': hooked['backward'], 'by_op': by_op}
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #71d7f890
+# %% ../../nbs/26_tools.cpu_speed.ipynb #53d76706
 def _best_time(fn, reps: int) -> float:
     fn()
     ts = []
@@ -176,13 +176,13 @@ def cpu_limits(reps: int = 10, **kw) -> dict:
     return {'float32': cpu_peak(torch.float32, reps, **kw), 'bfloat16': cpu_peak(torch.bfloat16, reps, **kw),
             'copy_gb_s': max(copy_bandwidth('cpu', 64 << 20, 0.05) for _ in range(3))}
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #cb53249a
+# %% ../../nbs/26_tools.cpu_speed.ipynb #027033e0
 def mfu(flops: float, seconds: float, peak_tflops: float) -> float:
     "Model FLOPs utilisation: achieved FLOP/s over the peak (TFLOP/s)."
     if seconds <= 0 or peak_tflops <= 0: raise ValueError(f"mfu: expected seconds > 0 and peak > 0, got {seconds}, {peak_tflops}")
     return flops / seconds / (peak_tflops * 1e12)
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #528007f5
+# %% ../../nbs/26_tools.cpu_speed.ipynb #1bd77645
 _GROUPS = (('conv backward', ('convolution_backward', 'conv2d_backward', 'slow_conv2d_backward')),
            ('conv forward', ('mkldnn_convolution', 'slow_conv2d_forward', 'conv_depthwise', 'slow_conv_dilated', 'thnn_conv')),
            ('batch norm', ('batch_norm',)), ('pooling', ('pool',)),
@@ -214,7 +214,7 @@ def op_profile(runner, batches: list, iters: int = 3, warmup: int = 2) -> dict:
     top = dict(sorted(ops.items(), key=lambda kv: -kv[1])[:12])
     return {'ms_per_iter': wall * 1e3 / iters, 'groups': dict(sorted(groups.items(), key=lambda kv: -kv[1])), 'top_ops': top}
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #82161b4b
+# %% ../../nbs/26_tools.cpu_speed.ipynb #9b93504a
 LEVERS = {'today': {'overrides': FP32}, 'bf16': {'overrides': {**FP32, 'train.cpu_amp': 'bf16'}},
           'channels_last': {'overrides': {**FP32, 'model.channels_last': True}}, 'fast': {'overrides': FAST},
           'fast_1_thread': {'overrides': FAST, 'threads': 1}}
@@ -254,7 +254,7 @@ def compare_levers(cfg: Config, batches: list, levers: dict | None = None, warmu
         v['speedup'] = res[base]['ms_median'] / v['ms_median']
     return {'levers': res, 'seconds': time.perf_counter() - t0, 'load': os.getloadavg()[0]}
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #6506c13f
+# %% ../../nbs/26_tools.cpu_speed.ipynb #40a7e107
 def loop_speed(data_root, variants: dict | None = None, methods=('source_only', 'tps'), iters: int = 60,
                rounds: int = 2, out_root=None, log=print) -> dict:
     "Seconds per iteration of `tps.train.train` per method and variant (`{name: overrides}`, the first the reference), alternated over `rounds`."
