@@ -92,11 +92,7 @@ def _cpu_name() -> str:
     from tps.tools.benchmark import device_name
     return device_name('cpu')
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #517c5213
-#| eval: false
-if __name__ == '__main__': _main()
-
-# %% ../../nbs/26_tools.cpu_speed.ipynb #f80dcc29
+# %% ../../nbs/26_tools.cpu_speed.ipynb #650d77e4
 def _conv(cin, cout, k, h, w) -> int: return 2 * cout * cin * k * k * h * w
 
 def resnet_pass_flops(arch: str = 'resnet18', size=(256, 128), width: int = 64, num_classes: int = 15,
@@ -125,7 +121,7 @@ def resnet_pass_flops(arch: str = 'resnet18', size=(256, 128), width: int = 64, 
     out['total'] = sum(out.values())
     return out
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #03b5527f
+# %% ../../nbs/26_tools.cpu_speed.ipynb #0799e1e4
 def conv_flops_hooked(fn: Callable, *args, **kwargs) -> tuple:
     "Run `fn` with a forward hook on every `Conv2d`: `(result, {'forward', 'backward', 'total'})` conv FLOPs by formula, the backward counting only the gradients that run."
     from tps.tools.benchmark import conv_flops
@@ -149,7 +145,7 @@ def iteration_flops_counted(runner, src: dict, tgt: dict, it: int = 0) -> dict:
     return {'counted': counted, 'conv_counted': conv, 'formula': hooked['total'], 'forward': hooked['forward'],
             'backward': hooked['backward'], 'by_op': by_op}
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #53d76706
+# %% ../../nbs/26_tools.cpu_speed.ipynb #29097d27
 def _best_time(fn, reps: int) -> float:
     fn()
     ts = []
@@ -176,13 +172,13 @@ def cpu_limits(reps: int = 10, **kw) -> dict:
     return {'float32': cpu_peak(torch.float32, reps, **kw), 'bfloat16': cpu_peak(torch.bfloat16, reps, **kw),
             'copy_gb_s': max(copy_bandwidth('cpu', 64 << 20, 0.05) for _ in range(3))}
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #027033e0
+# %% ../../nbs/26_tools.cpu_speed.ipynb #0bc578be
 def mfu(flops: float, seconds: float, peak_tflops: float) -> float:
     "Model FLOPs utilisation: achieved FLOP/s over the peak (TFLOP/s)."
     if seconds <= 0 or peak_tflops <= 0: raise ValueError(f"mfu: expected seconds > 0 and peak > 0, got {seconds}, {peak_tflops}")
     return flops / seconds / (peak_tflops * 1e12)
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #1bd77645
+# %% ../../nbs/26_tools.cpu_speed.ipynb #54ac3742
 _GROUPS = (('conv backward', ('convolution_backward', 'conv2d_backward', 'slow_conv2d_backward')),
            ('conv forward', ('mkldnn_convolution', 'slow_conv2d_forward', 'conv_depthwise', 'slow_conv_dilated', 'thnn_conv')),
            ('batch norm', ('batch_norm',)), ('pooling', ('pool',)),
@@ -214,7 +210,7 @@ def op_profile(runner, batches: list, iters: int = 3, warmup: int = 2) -> dict:
     top = dict(sorted(ops.items(), key=lambda kv: -kv[1])[:12])
     return {'ms_per_iter': wall * 1e3 / iters, 'groups': dict(sorted(groups.items(), key=lambda kv: -kv[1])), 'top_ops': top}
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #9b93504a
+# %% ../../nbs/26_tools.cpu_speed.ipynb #b07161e9
 LEVERS = {'today': {'overrides': FP32}, 'bf16': {'overrides': {**FP32, 'train.cpu_amp': 'bf16'}},
           'channels_last': {'overrides': {**FP32, 'model.channels_last': True}}, 'fast': {'overrides': FAST},
           'fast_1_thread': {'overrides': FAST, 'threads': 1}}
@@ -254,7 +250,7 @@ def compare_levers(cfg: Config, batches: list, levers: dict | None = None, warmu
         v['speedup'] = res[base]['ms_median'] / v['ms_median']
     return {'levers': res, 'seconds': time.perf_counter() - t0, 'load': os.getloadavg()[0]}
 
-# %% ../../nbs/26_tools.cpu_speed.ipynb #40a7e107
+# %% ../../nbs/26_tools.cpu_speed.ipynb #fb4ca185
 def loop_speed(data_root, variants: dict | None = None, methods=('source_only', 'tps'), iters: int = 60,
                rounds: int = 2, out_root=None, log=print) -> dict:
     "Seconds per iteration of `tps.train.train` per method and variant (`{name: overrides}`, the first the reference), alternated over `rounds`."
@@ -276,3 +272,7 @@ def loop_speed(data_root, variants: dict | None = None, methods=('source_only', 
     for m in methods:
         out['speedup'][m] = {v: float(np.median([a / b for a, b in zip(s[m][ref], s[m][v])])) for v in variants}
     return out
+
+# %% ../../nbs/26_tools.cpu_speed.ipynb #b4d15d4a
+#| eval: false
+if __name__ == '__main__': _main()
