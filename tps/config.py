@@ -183,7 +183,7 @@ def _demo() -> Config:
     d.target_root, d.target_flow_root = 'data/synthetic/cityscapes', 'data/synthetic/cityscapes_flow'
     d.source_size, d.target_size, d.num_workers = (256, 144), (256, 128), 0
     c.model.arch, c.model.num_classes, c.model.channels_last, c.model.width = 'resnet18', 15, True, 32
-    c.train.cpu_amp = 'bf16'                               # on a CPU: bf16 convolutions, channels-last (tps.tools.benchmark)
+    c.train.cpu_amp = 'bf16'                               # on a CPU: bf16 convolutions, channels-last (tps.tools.cpu_speed)
     t = c.train
     t.iters, t.max_iters, t.lr, t.lambda_t, t.save_every, t.log_every = 300, 300, 5e-3, 1.0, 100, 10
     t.warmup_iters = 150                                   # from scratch: ramp the lr up, no early loss spike
