@@ -4,7 +4,7 @@
 
 # %% ../../nbs/26_tools.cpu_speed.ipynb #60f698c7
 from __future__ import annotations
-import copy, json, math, os, sys, tempfile, time
+import copy, json, os, tempfile, time
 from pathlib import Path
 from typing import Callable
 import numpy as np
@@ -246,7 +246,7 @@ def compare_levers(cfg: Config, batches: list, levers: dict | None = None, warmu
     runners = lever_runners(cfg, levers)
     t0 = time.perf_counter()
     res = compare_steps(runners, batches, warmup, iters)
-    for k, v in res.items():
+    for v in res.values():
         v['speedup'] = res[base]['ms_median'] / v['ms_median']
     return {'levers': res, 'seconds': time.perf_counter() - t0, 'load': os.getloadavg()[0]}
 
