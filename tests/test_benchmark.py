@@ -1,5 +1,6 @@
 "Tests of tps.tools.benchmark: FLOP counting against analytic counts and the paper's numbers, the baseline and fast steps, the loss-tracking check, and the papermill benchmark notebook at smoke size."
 import json, math
+import numpy as np
 from pathlib import Path
 import pytest
 import torch
@@ -118,3 +119,114 @@ def test_benchmark_notebook_smoke(tmp_path):
     assert len(r['tracking']['curves']['fast']['total']) == r['params']['TRACK_ITERS']
     assert r['goals']['speedup_vs_baseline']['applies'] is False  # GPU goals do not apply on a CPU
     assert (out / 'benchmark.png').stat().st_size > 0 and 'ms/iter' in r['table']
+
+
+# ---------------------------------------------------------------- the CPU roofline and the fast CPU path
+from tps.tools.cpu_speed import (resnet_pass_flops, conv_flops_hooked, iteration_flops_counted, cpu_peak, mfu,
+                                 summarise_accuracy, compare_levers, op_profile, FP32, FAST)
+from tps.config import apply_overrides, ConfigError, validate
+
+
+@pytest.mark.parametrize('arch,width,hw', [('resnet18', 32, (37, 70)), ('resnet18', 64, (64, 128)), ('resnet101', 16, (61, 99))])
+def test_closed_form_pass_flops_match_the_counter(arch, width, hw):
+    from tps.model import TPSNet
+    net = TPSNet(arch, 15, width=width).to('meta')
+    x = torch.empty(1, 3, *hw, device='meta')
+    want = resnet_pass_flops(arch, hw[::-1], width)
+    assert count_flops(net.single, x)[1] == want['total'] == conv_flops_hooked(net.single, x)[1]['forward']
+    assert want['total'] == sum(v for k, v in want.items() if k != 'total')
+    # conv1 by hand: 2 * 64/2... * 3 * 7 * 7 * Hout * Wout
+    assert want['conv1'] == 2 * width * 3 * 49 * ((hw[0] - 1) // 2 + 1) * ((hw[1] - 1) // 2 + 1)
+
+
+def test_iteration_flops_and_mfu_on_a_small_step():
+    "A source-only step: the counter equals the closed form (cf fwd+bwd, kf fwd, fusion); MFU against a measured peak lies in (0, 1)."
+    from tps.model import score_size
+    cfg = apply_overrides(tiny_cfg(method='source_only'), FP32)
+    r = make_runner(cfg, 'fast', 'cpu')
+    batches = random_batches(cfg, 2)
+    f = iteration_flops_counted(r, *batches[0])
+    p = resnet_pass_flops('resnet18', (80, 48), 32)
+    h, w = score_size(48, 80)
+    sf = 2 * (2 * 15 * 30 * h * w)                      # the 1x1 fusion conv of the main and aux scores
+    # forward of cf and kf, input and weight grads of cf (conv1 takes no input grad), the fusion's forward and grads
+    assert f['conv_counted'] == f['formula'] == 4 * p['total'] - p['conv1'] + 3 * sf, (f, p)
+    res = time_steps(r, batches, warmup=1, iters=3)
+    peak = cpu_peak(torch.float32, reps=3)
+    u = mfu(f['conv_counted'], res['ms_median'] / 1e3, peak['peak'])
+    assert 0 < u < 1, (u, res['ms_median'], peak)
+    with pytest.raises(ValueError, match='seconds > 0'):
+        mfu(1e9, 0, 1.0)
+
+
+def test_cpu_amp_reaches_the_step_and_presets():
+    demo, smoke = get_preset('demo'), get_preset('smoke')
+    assert (demo.train.cpu_amp, demo.model.channels_last) == ('bf16', True)
+    assert (smoke.train.cpu_amp, smoke.model.channels_last) == ('fp32', False)
+    for name in ('syn2city', 'viper2city', 'syn2city_faithful', 'viper2city_faithful'):
+        assert get_preset(name).train.cpu_amp == 'fp32', name
+    assert make_runner(tiny_cfg(), 'fast', 'cpu').ctx.amp_dtype == torch.bfloat16
+    assert make_runner(apply_overrides(tiny_cfg(), FP32), 'fast', 'cpu').ctx.amp_dtype is None
+    bad = get_preset('demo'); bad.train.cpu_amp = 'fp16'
+    with pytest.raises(ConfigError, match='cpu_amp'):
+        validate(bad)
+
+
+def test_fast_cpu_step_tracks_fp32():
+    "Same weights, batch and draws: the bf16 channels-last step's losses and gradients stay close to the fp32 step's."
+    (src, tgt), = random_batches(tiny_cfg(), 1)
+    out = {}
+    for name, ov in (('fp32', FP32), ('fast', FAST)):
+        r = make_runner(apply_overrides(tiny_cfg(), ov), 'fast', 'cpu')
+        terms = r.step(r.ctx, src, tgt)
+        out[name] = (terms, torch.cat([p.grad.flatten() for p in r.net.parameters() if p.grad is not None]))
+    (tf, gf), (tb, gb) = out['fp32'], out['fast']
+    for k in ('src', 'tgt'):
+        assert abs(float(tb[k]) - float(tf[k])) < 0.03 * abs(float(tf[k])) + 1e-3, (k, float(tb[k]), float(tf[k]))
+    assert not torch.equal(gf, gb)                                     # bf16 really ran
+    assert torch.nn.functional.cosine_similarity(gf, gb, dim=0) > 0.95          # (pseudo-label argmaxes may flip)
+
+
+def test_train_honours_cpu_amp(smoke_config):
+    "The loop runs bf16 on the CPU when `train.cpu_amp='bf16'`: losses close to, and not equal to, the fp32 run's."
+    from tps.train import train
+    rec = {}
+    for amp in ('fp32', 'bf16'):
+        rd = train(smoke_config('source_only', iters=2, save_every=2, cpu_amp=amp))
+        rec[amp] = [json.loads(l)['src'] for l in (rd/'metrics.jsonl').read_text().splitlines()]
+    assert len(rec['bf16']) == len(rec['fp32']) == 2 and rec['bf16'] != rec['fp32']
+    assert np.allclose(rec['bf16'], rec['fp32'], rtol=0.05), rec
+
+
+def test_compare_levers_and_op_profile():
+    cfg = tiny_cfg(method='source_only')
+    batches = random_batches(cfg, 2)
+    r = compare_levers(cfg, batches, {'today': {'overrides': FP32}, 'fast': {'overrides': FAST}, 'one': {'overrides': FAST, 'threads': 1}},
+                       warmup=1, iters=2)
+    lv = r['levers']
+    assert set(lv) == {'today', 'fast', 'one'} and lv['today']['speedup'] == 1.0
+    assert all(v['ms_median'] > 0 and v['speedup'] == lv['today']['ms_median'] / v['ms_median'] for v in lv.values())
+    p = op_profile(make_runner(cfg, 'fast', 'cpu'), batches, iters=1, warmup=1)
+    assert p['ms_per_iter'] > 0 and 'conv forward' in p['groups'] and 'conv backward' in p['groups']
+    assert sum(p['groups'].values()) <= p['ms_per_iter'] * 1.05 * torch.get_num_threads() + 1
+
+
+def test_summarise_accuracy_pairs_by_seed():
+    run = lambda s, v, src, t: {'seed': s, 'miou_val': v, 'miou_source': src, 's_per_iter': t}
+    runs = {'fp32': [run(0, 30.0, 60.0, 0.2), run(1, 32.0, 62.0, 0.2), run(2, 31.0, 61.0, 0.3)],
+            'fast': [run(1, 31.0, 62.5, 0.1), run(0, 30.5, 60.0, 0.1), run(2, 31.0, 60.0, 0.1)]}
+    p = summarise_accuracy(runs, 10)['pairs']['fast']
+    assert p['miou_val']['per_seed'] == [-1.0, 0.5, 0.0] and p['miou_val']['mean'] == pytest.approx(-1 / 6)
+    assert p['miou_val']['base_seed_std'] == pytest.approx(1.0) and p['miou_val']['within_spread']
+    assert p['speedup']['per_seed'] == pytest.approx([2.0, 2.0, 3.0]) and p['speedup']['median'] == pytest.approx(2.0)
+
+
+def test_recorded_cpu_accuracy():
+    "The committed accuracy check of the fast CPU path: 3 seeds each, the demo's warm-up, its summary recomputable from its runs."
+    from tps.experiments import DEMO_ITERS
+    path = REPO/'results/benchmark/cpu_accuracy.json'
+    r = json.loads(path.read_text())
+    assert r['iters'] == DEMO_ITERS['warmup'] and sorted(r['runs']) == ['fast', 'fp32']
+    assert [x['seed'] for x in r['runs']['fp32']] == [x['seed'] for x in r['runs']['fast']] == [0, 1, 2]
+    again = summarise_accuracy(r['runs'], r['iters'])['pairs']
+    assert json.loads(json.dumps(again)) == r['pairs']

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from .utils import atomic_write, resolve_device
+from .utils import atomic_write, autocast_dtype, resolve_device
 from .config import Config, CLASS_NAMES, validate
 from .augment import to_input, match_histograms
 from .metrics import confusion_matrix, per_class_iou, mean_iou
@@ -86,7 +86,8 @@ def evaluate(cfg: Config, checkpoint_or_model, split: str | None = None, max_fra
     n_save = cfg.eval.save_predictions if save_predictions is None else save_predictions
     setting = setting_of(cfg)
     pred_dir = Path(out_dir or '.')/'predictions'
-    amp = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' and cfg.train.amp == 'bf16' else None
+    dt = autocast_dtype(cfg.train, device)
+    amp = torch.autocast(device.type, dtype=dt) if dt is not None else None
     cm = torch.zeros(C, C, dtype=torch.long, device=device)
     saved, n = 0, 0
     t0 = time.perf_counter()

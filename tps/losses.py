@@ -72,6 +72,3 @@ def tps_loss(student, pl_main: torch.Tensor, pl_aux: torch.Tensor | None, lambda
     valid = (pl_main != IGNORE).float().mean()
     return dict(loss=lambda_t * (ce_main + lambda_aux * ce_aux), ce_main=ce_main.detach(), ce_aux=ce_aux.detach(),
                 valid=valid.detach())
-
-# %% ../nbs/07_losses.ipynb #b983ad7b
-from .teacher import apply_threshold, cross_frame_pseudo_labels, quality_weight  # noqa: F401 (made in tps.teacher)

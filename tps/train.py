@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from .utils import atomic_write
+from .utils import atomic_write, autocast_dtype
 from .config import Config, ConfigError, METHODS, config_to_dict, config_from_dict, load_config, validate
 from .model import build_model, param_groups, unwrap, CheckpointError
 from .data.core import to_device
@@ -335,7 +335,7 @@ def _setup(cfg: Config, info: dict, run_dir: Path, loaders: dict, ck) -> _Run:
         # DA-VSN's target backward leaves some parameters without a gradient (e.g. the aux head when its
         # adversarial weight is 0): DDP must be told, or it waits for their all-reduce forever
         model = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=t.method == 'davsn')
-    amp = torch.bfloat16 if (device.type == 'cuda' and t.amp == 'bf16') else None
+    amp = autocast_dtype(t, device)                                     # bf16 where train.amp / train.cpu_amp say so
     ctx = StepContext(model, cfg, gen, device, amp, bool(cfg.model.channels_last), extras)
     log = _LogWindow(cfg, info, run_dir, start, ck.get('log') if ck is not None else None)
     return _Run(net, opt, extras, gen, ctx, method_step(t.method), start, log)

@@ -8,7 +8,7 @@ import errno, os, tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['WriteError', 'atomic_write', 'resolve_device', 'kit_root', 'figure_dir']
+__all__ = ['WriteError', 'atomic_write', 'resolve_device', 'autocast_dtype', 'kit_root', 'figure_dir']
 
 # %% ../nbs/00_utils.ipynb #ae8663e2
 def _umask() -> int:
@@ -64,6 +64,13 @@ def resolve_device(device='auto'):
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise RuntimeError(f"device={device!r} but no CUDA device is available (use 'auto' or 'cpu')")
     return torch.device(device)
+
+# %% ../nbs/00_utils.ipynb #b4bd3f5e
+def autocast_dtype(train_cfg, device):
+    "The autocast dtype of a run's passes on `device` (`torch.bfloat16`, or None for fp32), from `train.amp` on a GPU and `train.cpu_amp` on the CPU."
+    import torch
+    want = train_cfg.amp if torch.device(device).type == 'cuda' else train_cfg.cpu_amp
+    return torch.bfloat16 if want == 'bf16' else None
 
 # %% ../nbs/00_utils.ipynb #f8b7bba9
 def kit_root() -> Path:

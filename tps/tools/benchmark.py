@@ -4,27 +4,28 @@
 
 # %% ../../nbs/23_tools.benchmark.ipynb #3c632348
 from __future__ import annotations
-import copy, functools, math, platform, resource, time, warnings
+import copy, functools, platform, resource, time, warnings
 from dataclasses import dataclass
 from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ..utils import resolve_device
-from ..config import Config, get_preset
-from ..model import TPSNet, build_model, score_size
+from ..utils import autocast_dtype, resolve_device
+from ..config import Config
+from ..model import TPSNet, build_model
 from ..data.core import to_device
-from ..augment import to_input, draw_aug_params, scaled_size, legacy_augment_reference, flip_pair
-from ..losses import cross_frame_pseudo_labels, seg_loss, tps_loss
-from ..steps import StepContext, random_batches
+from ..augment import to_input, draw_aug_params, scaled_size, strong_augment, flip_pair
+from ..teacher import cross_frame_pseudo_labels
+from ..losses import seg_loss, tps_loss
+from ..steps import StepContext, logged_terms
 from ..train import build_optimizer, set_lr, method_step, make_extras
 from ..distributed import seed_everything, InfiniteLoader
 
 # %% auto #0
 __all__ = ['count_flops', 'conv_flops', 'pass_flops', 'iteration_flops', 'device_name', 'matmul_tflops', 'conv_tflops',
-           'dense_tflops', 'hist_match_reference', 'pil_augment_reference', 'baseline_step', 'StepRunner',
-           'make_runner', 'peak_memory_mb', 'time_iterations', 'time_steps', 'compare_steps', 'time_eval',
-           'make_loaders', 'track_losses', 'smooth', 'tracking_check', 'count_host_syncs', 'cpu_forward_benchmark']
+           'dense_tflops', 'baseline_step', 'StepRunner', 'make_runner', 'peak_memory_mb', 'time_iterations',
+           'time_steps', 'compare_steps', 'time_eval', 'make_loaders', 'track_losses', 'smooth', 'tracking_check',
+           'count_host_syncs', 'cpu_forward_benchmark']
 
 # %% ../../nbs/23_tools.benchmark.ipynb #4d377ac2
 def count_flops(fn: Callable, *args, **kwargs) -> tuple:
@@ -42,15 +43,15 @@ def conv_flops(cin: int, cout: int, k, out_hw, groups: int = 1, batch: int = 1) 
 
 # %% ../../nbs/23_tools.benchmark.ipynb #60669b63
 @functools.lru_cache(maxsize=4)
-def _meta_net(arch: str, num_classes: int, multi_level: bool) -> TPSNet:
+def _meta_net(arch: str, num_classes: int, multi_level: bool, width: int = 64) -> TPSNet:
     "A `TPSNet` on the meta device (built on the CPU and moved: faster than building under the meta device)."
-    return TPSNet(arch, num_classes, multi_level).to('meta').train()
+    return TPSNet(arch, num_classes, multi_level, width=width).to('meta').train()
 
 def pass_flops(arch: str = 'resnet101', size=(1024, 512), num_classes: int = 15, multi_level: bool = True,
-               backward: bool = False, batch: int = 1) -> int:
-    "FLOPs of one single-frame `TPSNet` pass (backbone + heads) at `size` (W, H), counted on the meta device."
+               backward: bool = False, batch: int = 1, width: int = 64) -> int:
+    "FLOPs of one single-frame `TPSNet` pass (backbone + heads) at `size` (W, H) and `width`, counted on the meta device."
     W, H = size
-    net = _meta_net(arch, num_classes, multi_level)
+    net = _meta_net(arch, num_classes, multi_level, width)
     x = torch.empty(batch, 3, H, W, device='meta')  # (B, 3, H, W)
     def run():
         aux, main = net.single(x)
@@ -60,9 +61,9 @@ def pass_flops(arch: str = 'resnet101', size=(1024, 512), num_classes: int = 15,
 
 # %% ../../nbs/23_tools.benchmark.ipynb #10b2fab8
 def iteration_flops(arch: str = 'resnet101', source_size=(1280, 720), target_size=(1024, 512), num_classes: int = 15,
-                    multi_level: bool = True, scale=(0.8, 1.2), batch: int = 1) -> dict:
-    "FLOPs of one TPS iteration, per part and in total ('total'), from single-frame pass counts."
-    kw = dict(arch=arch, num_classes=num_classes, multi_level=multi_level, batch=batch)
+                    multi_level: bool = True, scale=(0.8, 1.2), batch: int = 1, width: int = 64) -> dict:
+    "FLOPs of one TPS iteration at network `width`, per part and in total ('total'), from single-frame pass counts (the student's at the mean squared scale)."
+    kw = dict(arch=arch, num_classes=num_classes, multi_level=multi_level, batch=batch, width=width)
     s_f, s_fb = pass_flops(size=source_size, **kw), pass_flops(size=source_size, backward=True, **kw)
     t_f, t_fb = pass_flops(size=target_size, **kw), pass_flops(size=target_size, backward=True, **kw)
     lo, hi = scale
@@ -115,16 +116,16 @@ def dense_tflops(device='cpu', dtype=torch.float32, min_time: float = 0.3) -> di
     return {**r, 'peak': max(r.values())}
 
 # %% ../../nbs/23_tools.benchmark.ipynb #c4c5c498
-def hist_match_reference(src: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+def _hist_match_skimage(src: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     "scikit-image histogram matching per sample and channel: uint8 (B,3,H,W) to (B,3,Hr,Wr) -> (B,3,H,W) on the CPU."
     from skimage.exposure import match_histograms as sk_match
     out = [sk_match(s.permute(1, 2, 0).numpy(), r.permute(1, 2, 0).numpy(), channel_axis=-1)
            for s, r in zip(src.cpu(), ref.cpu())]                       # (H, W, 3) each
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)          # (B, 3, H, W)
 
-def pil_augment_reference(d: torch.Tensor, c: torch.Tensor, params: dict, legacy: bool = False, rescale: bool = True):
+def _pil_augment(d: torch.Tensor, c: torch.Tensor, params: dict, legacy: bool = False, rescale: bool = True):
     "Strong augmentation of uint8 RGB pairs (B,3,H,W) through PIL on the CPU -> network inputs (d_in, c_in)."
-    if legacy: return legacy_augment_reference(to_input(d.cpu()), to_input(c.cpu()), params, rescale)
+    if legacy: return strong_augment(d.cpu(), c.cpu(), params=params, legacy=True, rescale=rescale)[:2]
     import torchvision.transforms.functional as TVF
     from PIL import ImageFilter
     B, _, H, W = d.shape
@@ -146,18 +147,14 @@ def pil_augment_reference(d: torch.Tensor, c: torch.Tensor, params: dict, legacy
         c_in = F.interpolate(c_in, size=size, mode='bilinear', align_corners=True)
     return d_in, c_in
 
-def _terms(prefix: str, losses: dict) -> dict:
-    return {(prefix if k == 'loss' else f'{prefix}_{k}'): v.detach().float() for k, v in losses.items()
-            if torch.is_tensor(v) and v.ndim == 0}
-
 def baseline_step(ctx: StepContext, src: dict, tgt: dict) -> dict:
     "One TPS iteration the reference's way (CPU PIL/scikit-image, fp32, one pass at a time); same loss keys as `step_tps`."
     t, dev, net = ctx.cfg.train, ctx.device, ctx.net
     put = lambda x: x.to(dev).contiguous()
     # 1. source: histogram matching on the CPU, forward (kf then cf), CE main + lambda_aux CE aux
     ref = tgt['d'].cpu()
-    cf = to_input(hist_match_reference(src['d'], ref))                 # (B, 3, Hs, Ws) fp32
-    kf = to_input(hist_match_reference(src['c'], ref))
+    cf = to_input(_hist_match_skimage(src['d'], ref))                 # (B, 3, Hs, Ws) fp32
+    kf = to_input(_hist_match_skimage(src['c'], ref))
     out = net(put(cf), put(kf), put(src['flow_dc']))
     s = seg_loss(out.fused_main, out.fused_aux, put(src['label']), t.lambda_aux)
     s['loss'].backward()
@@ -174,11 +171,11 @@ def baseline_step(ctx: StepContext, src: dict, tgt: dict) -> dict:
         pl_aux = cross_frame_pseudo_labels(out_t.fused_aux.softmax(1), flow_db, **kw)[0] if out_t.fused_aux is not None else None
     # 3. student: PIL augmentation of (d, c) on the CPU, forward, lambda_t CE against the pseudo labels
     params = draw_aug_params(B, ctx.generator, legacy=t.legacy_aug)
-    d_in, c_in = pil_augment_reference(tgt['d'], tgt['c'], params, legacy=t.legacy_aug)      # (B, 3, H', W')
+    d_in, c_in = _pil_augment(tgt['d'], tgt['c'], params, legacy=t.legacy_aug)      # (B, 3, H', W')
     out_s = net(put(d_in), put(c_in), put(tgt['flow_dc']))
     u = tps_loss(out_s, pl_main, pl_aux, t.lambda_t, t.lambda_aux)
     u['loss'].backward()
-    return {**_terms('src', s), **_terms('tgt', u)}
+    return {**logged_terms('src', s), **logged_terms('tgt', u)}
 
 # %% ../../nbs/23_tools.benchmark.ipynb #228b01d7
 @dataclass
@@ -219,7 +216,7 @@ def make_runner(cfg: Config, kind: str = 'fast', device='auto', compile: bool | 
     if (t.compile if compile is None else compile):
         from tps.train import compile_model
         compile_model(net)  # compiles the per-frame pass every step uses (dynamic sizes), as train() does
-    amp = torch.bfloat16 if device.type == 'cuda' and t.amp == 'bf16' else None
+    amp = autocast_dtype(t, device)
     ctx = StepContext(model, cfg, torch.Generator(device).manual_seed(t.seed), device, amp, cl, make_extras(cfg, device))
     return StepRunner(kind, ctx, opt, method_step(t.method), net)
 
