@@ -56,3 +56,13 @@ def test_plus_preset_is_the_ablation_choice():
     from tps.config import TPS_PLUS
     res = _json('ablation')
     assert res['variants'][res['chosen']] == TPS_PLUS, (res['chosen'], TPS_PLUS)
+
+
+def test_cpu_roofline_in_readme():
+    "README's CPU roofline block is the benchmark notebook's own table, from the line that opens it to the end."
+    table = _json('benchmark')['table']
+    block = table[table.index('CPU roofline'):].strip()
+    assert block in README
+    loop = _json('benchmark')['cpu']['loop']
+    for m in ('source_only', 'tps'):                         # the training-loop speed-ups README's prose quotes
+        assert f"{loop['speedup'][m]['fast']:.2f}x" in README, m
