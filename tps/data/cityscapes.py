@@ -8,6 +8,7 @@ import os, re
 from collections import defaultdict
 from pathlib import Path
 import torch
+from fastcore.basics import patch
 from ..flow import flow_path
 from .core import (FrameDataset, DatasetError, CITYSCAPES_TO_TRAIN, make_lut, map_label, read_rgb, read_label, resize_rgb,
                            resize_label, to_chw, load_frame, load_flow, read_list, check_dirs,
@@ -87,28 +88,32 @@ class CityscapesSeq(FrameDataset):
         if self.with_label: fs.append(self.label_path(c, s, t))
         return list(dict.fromkeys(fs))
 
-    def _load(self, i) -> dict:
-        c, s, t = self.samples[i]; k = self.interval
-        raw = read_rgb(self.frame_path(c, s, t))                                    # (H0, W0, 3) uint8
-        fwh = self.flow_frame_wh(raw.shape[:2])                                     # flows must have the frames' aspect
-        out = {'d': resize_rgb(to_chw(raw), self.size).contiguous(),               # (3, H, W) uint8
-               'c': load_frame(self.frame_path(c, s, t - 1), self.size),
-               'flow_dc': load_flow(self.flow_path(c, s, t, t - 1), self.flow_dtype, fwh)}              # (2, h, w) float32
-        if self.teacher:
-            same = k == 1
-            out['b'] = out['c'] if same else load_frame(self.frame_path(c, s, t - k), self.size)
-            out['a'] = load_frame(self.frame_path(c, s, t - k - 1), self.size)
-            out['flow_db'] = out['flow_dc'] if same else load_flow(self.flow_path(c, s, t, t - k), self.flow_dtype, fwh)
-            out['flow_ba'] = load_flow(self.flow_path(c, s, t - k, t - k - 1), self.flow_dtype, fwh)
-        if self.with_label:
-            p = self.label_path(c, s, t)
-            lbl = read_label(p, 'gray')                                             # (H0, W0) label ids
-            if lbl.shape != raw.shape[:2]:
-                raise DatasetError(f"label {p} is {lbl.shape[1]}x{lbl.shape[0]} but its frame is {raw.shape[1]}x{raw.shape[0]}")
-            out['label'] = torch.from_numpy(map_label(resize_label(lbl, self.label_size), self.lut))  # (Hl, Wl) uint8
-        out['name'] = f'{c}/{c}_{s}_{t:06d}_leftImg8bit.png'
-        return out
+# %% ../../nbs/04_data.cityscapes.ipynb #33ce8f7a
+@patch
+def _load(self: CityscapesSeq, i) -> dict:
+    "Frames d, c (b, a), flows and label of sample `i`, resized as configured."
+    c, s, t = self.samples[i]; k = self.interval
+    raw = read_rgb(self.frame_path(c, s, t))                                    # (H0, W0, 3) uint8
+    fwh = self.flow_frame_wh(raw.shape[:2])                                     # flows must have the frames' aspect
+    out = {'d': resize_rgb(to_chw(raw), self.size).contiguous(),               # (3, H, W) uint8
+           'c': load_frame(self.frame_path(c, s, t - 1), self.size),
+           'flow_dc': load_flow(self.flow_path(c, s, t, t - 1), self.flow_dtype, fwh)}              # (2, h, w) float32
+    if self.teacher:
+        same = k == 1
+        out['b'] = out['c'] if same else load_frame(self.frame_path(c, s, t - k), self.size)
+        out['a'] = load_frame(self.frame_path(c, s, t - k - 1), self.size)
+        out['flow_db'] = out['flow_dc'] if same else load_flow(self.flow_path(c, s, t, t - k), self.flow_dtype, fwh)
+        out['flow_ba'] = load_flow(self.flow_path(c, s, t - k, t - k - 1), self.flow_dtype, fwh)
+    if self.with_label:
+        p = self.label_path(c, s, t)
+        lbl = read_label(p, 'gray')                                             # (H0, W0) label ids
+        if lbl.shape != raw.shape[:2]:
+            raise DatasetError(f"label {p} is {lbl.shape[1]}x{lbl.shape[0]} but its frame is {raw.shape[1]}x{raw.shape[0]}")
+        out['label'] = torch.from_numpy(map_label(resize_label(lbl, self.label_size), self.lut))  # (Hl, Wl) uint8
+    out['name'] = f'{c}/{c}_{s}_{t:06d}_leftImg8bit.png'
+    return out
 
-    def __repr__(self):
-        return (f"CityscapesSeq(split={self.split!r}, {len(self)} samples, size={self.size}, interval={self.interval}, "
-                f"setting={self.setting!r}, label_size={self.label_size}, skipped={self.skipped})")
+@patch
+def __repr__(self: CityscapesSeq):
+    return (f"CityscapesSeq(split={self.split!r}, {len(self)} samples, size={self.size}, interval={self.interval}, "
+            f"setting={self.setting!r}, label_size={self.label_size}, skipped={self.skipped})")
