@@ -218,3 +218,25 @@ def test_run_demo_records_seeds_and_data_seed(tmp_path):
     assert json.loads((tmp_path/'syn'/'synthetic.json').read_text())['seed'] == 7
     assert r['figures'] and all(Path(f).is_relative_to(tmp_path/'demo') for f in r['figures'])
     assert Path(r['results']).is_relative_to(tmp_path/'demo')
+
+
+@pytest.mark.slow   # papermill experiment runs
+def test_sanity_notebook(tmp_path):
+    "Every lever runs from each seed's oracle checkpoint; the table's differences are the paired held-out differences."
+    levers = {'source_only': ['source_only', {}], 'tps': ['tps', {}], 'tps_lambda0': ['tps', {'train.lambda_t': 0.0}]}
+    run_notebook(NB/'sanity.ipynb', tmp_path/'sanity.ipynb', stream=False, parameters=dict(
+        SEEDS=[0, 1], HOLDOUT=1, LEVERS=levers, DATA=TINY_GEN, DATA_DIR=str(tmp_path/'data'), OVERRIDES=TINY,
+        ITERS={'warmup': 2, 'oracle': 2, 'adapt': 2}, DEVICE='cpu', OUT_ROOT=str(tmp_path)))
+    res = json.loads((tmp_path/'results.json').read_text())
+    recs = res['records']
+    assert {r['method'] for r in recs} == {'oracle', *levers} and len(recs) == 2 * (1 + len(levers))
+    for name in levers:                                            # paired against the oracle of the same seed
+        by = lambda m: {r['seed']: r['result']['miou'] for r in recs if r['method'] == m}
+        d = [by(name)[s] - by('oracle')[s] for s in (0, 1)]
+        assert abs(res['differences'][name]['mean'] - sum(d) / 2) < 0.011
+    runs = [r for r in recs if r['method'] != 'oracle']
+    oracle_ck = {r['seed']: r['run_dir'] for r in recs if r['method'] == 'oracle'}
+    for r in runs:                                                 # each lever started from its seed's oracle
+        init = (Path(r['run_dir'])/'config.yaml').read_text()
+        assert str(Path(oracle_ck[r['seed']]).name) in init, (r['lever'], r['seed'])
+    assert (tmp_path/'sanity.md').read_text().count('\n') == 3 + len(levers)

@@ -272,7 +272,7 @@ def _eta(units, done: set, records: dict) -> float:
     mean = lambda v: sum(v) / len(v)
     return sum(mean(secs.get(u.method) or every) for u in units if u.key not in done) if every else float('nan')
 
-# %% ../nbs/17_harness.ipynb #c37dfd7f
+# %% ../nbs/17_harness.ipynb #b5709e79
 def run_benchmark(protocol='demo', methods=METHODS, seeds=range(5), draws=(0, 1), shifts=None, out='runs/benchmark',
                   data_root=None, device: str | None = None, poll: float = 5.0, stale_after: float = CLAIM_STALE_S,
                   heartbeat: float = HEARTBEAT_S, log=print) -> list:

@@ -88,7 +88,7 @@ class CityscapesSeq(FrameDataset):
         if self.with_label: fs.append(self.label_path(c, s, t))
         return list(dict.fromkeys(fs))
 
-# %% ../../nbs/04_data.cityscapes.ipynb #33ce8f7a
+# %% ../../nbs/04_data.cityscapes.ipynb #3f4df6de
 @patch
 def _load(self: CityscapesSeq, i) -> dict:
     "Frames d, c (b, a), flows and label of sample `i`, resized as configured."

@@ -65,7 +65,7 @@ def _imread(path, flags, what: str) -> np.ndarray:
         raise DatasetError(f"cannot decode {what} {path}: the file is corrupt or not an image")
     return a
 
-# %% ../../nbs/04_data.core.ipynb #f1fa1cdc
+# %% ../../nbs/04_data.core.ipynb #525281d2
 def read_rgb(path) -> np.ndarray:
     "Decode an image file to `(H, W, 3)` uint8 RGB; `DatasetError` naming the file if missing or corrupt."
     a = _imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION, 'image')

@@ -33,7 +33,7 @@ def synthia_layout(root) -> str:
     exp = ' or '.join(f"{a}/ + {b}/" for a, b in SYNTHIA_LAYOUTS.values())
     raise DatasetError(f"SynthiaSeq: {root} has neither layout: expected {exp} (see data/README.md)")
 
-# %% ../../nbs/04_data.synthia.ipynb #aad02bcc
+# %% ../../nbs/04_data.synthia.ipynb #90119707
 class SynthiaSeq(FrameDataset):
     "SYNTHIA-Seq source samples: frame d, c = d - 1, the flow d -> c and the label (SYNTHIA setting)."
     def __init__(self, root, flow_root, size=(1280, 760), crop_bottom: int | None = None, list_file=None,

@@ -147,7 +147,7 @@ def _pil_augment(d: torch.Tensor, c: torch.Tensor, params: dict, legacy: bool = 
         c_in = F.interpolate(c_in, size=size, mode='bilinear', align_corners=True)
     return d_in, c_in
 
-# %% ../../nbs/23_tools.benchmark.ipynb #1f446d98
+# %% ../../nbs/23_tools.benchmark.ipynb #4a1b59bd
 def baseline_step(ctx: StepContext, src: dict, tgt: dict) -> dict:
     "One TPS iteration the reference's way (CPU PIL/scikit-image, fp32, one pass at a time); same loss keys as `step_tps`."
     t, dev, net = ctx.cfg.train, ctx.device, ctx.net

@@ -209,7 +209,8 @@ def _sig(obj, width: int = 88) -> str:
         except Exception: sig = inspect.signature(obj)
     except (TypeError, ValueError): return '(...)'
     if inspect.isclass(obj): sig = sig.replace(return_annotation=inspect.Signature.empty)
-    clean = lambda s: re.sub(r"<function (\w+) at 0x[0-9a-f]+>", r'\1', re.sub(r"<class '([\w.]+)'>", r'\1', s))
+    clean = lambda s: re.sub(r"ForwardRef\('([^']+)'\)", r'\1',                 # NamedTuple fields under postponed annotations
+                             re.sub(r"<function (\w+) at 0x[0-9a-f]+>", r'\1', re.sub(r"<class '([\w.]+)'>", r'\1', s)))
     s = clean(str(sig))
     if len(s) <= width: return s
     ret = '' if sig.return_annotation is inspect.Signature.empty else f' -> {clean(inspect.formatannotation(sig.return_annotation))}'
