@@ -66,3 +66,13 @@ def test_cpu_roofline_in_readme():
     loop = _json('benchmark')['cpu']['loop']
     for m in ('source_only', 'tps'):                         # the training-loop speed-ups README's prose quotes
         assert f"{loop['speedup'][m]['fast']:.2f}x" in README, m
+
+
+def test_sanity_check_in_readme():
+    "README's sanity-check table is the sanity notebook's own table, and the split of the losses it quotes is the file's."
+    res = _json('sanity')
+    text = (RESULTS/'sanity'/'sanity.md').read_text().strip()
+    assert text in README and text == res['table'].strip()
+    s = res['split']
+    assert f"{s['oracle_minus_source_only']:.2f} mIoU" in README and f"{s['statistics_share_of_source_only_loss']:.0%}" in README
+    assert f"{s['pseudo_label_cost']:.2f} mIoU" in README

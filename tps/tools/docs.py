@@ -51,7 +51,7 @@ def write_readme(root=None, check: bool = False) -> int:
 
 # %% ../../nbs/24_tools.docs.ipynb #2e03a290
 RESULTS_OF = {'adapt': 'demo', 'qualitative': 'demo', 'calibration': 'calibration', 'gap_sweep': 'gap_sweep',
-              'ablation': 'ablation', 'benchmark': 'benchmark'}
+              'ablation': 'ablation', 'benchmark': 'benchmark', 'sanity': 'sanity'}
 "The `results/` folder each experiment notebook's committed results live in."
 
 def results_section(root, notebook: str) -> str:
