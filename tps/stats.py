@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, os, platform
 from pathlib import Path
 import numpy as np
-from .utils import atomic_write
+from .utils import atomic_write, cpu_model
 from .results import METHODS, METHOD_NAMES, METHOD_COLORS, summarize, format_table, jsonable
 
 # %% auto #0
@@ -142,11 +142,7 @@ def forest_plot(bench: dict):
 def machine_info() -> dict:
     "Platform, CPU model and count, torch version and the accelerator (if any) of this machine."
     import torch
-    cpu = platform.processor() or ''
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'): cpu = line.split(':', 1)[1].strip(); break
-    except OSError: pass
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {'platform': platform.platform(), 'cpu': cpu, 'cpus': os.cpu_count(), 'python': platform.python_version(),
             'torch': torch.__version__, 'gpu': gpu}

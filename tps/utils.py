@@ -8,7 +8,7 @@ import errno, os, tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['WriteError', 'atomic_write', 'resolve_device', 'autocast_dtype', 'kit_root', 'figure_dir']
+__all__ = ['WriteError', 'atomic_write', 'resolve_device', 'autocast_dtype', 'cpu_model', 'kit_root', 'figure_dir']
 
 # %% ../nbs/00_utils.ipynb #ae8663e2
 def _umask() -> int:
@@ -71,6 +71,13 @@ def autocast_dtype(train_cfg, device):
     import torch
     want = train_cfg.amp if torch.device(device).type == 'cuda' else train_cfg.cpu_amp
     return torch.bfloat16 if want == 'bf16' else None
+
+# %% ../nbs/00_utils.ipynb #c18a95f3
+def cpu_model() -> str:
+    "The CPU's model name (`/proc/cpuinfo`), else what `platform` knows."
+    import platform, re
+    try: return re.search(r'^model name\s*:\s*(.+)$', Path('/proc/cpuinfo').read_text(), re.M).group(1).strip()
+    except (OSError, AttributeError): return platform.processor() or platform.machine()
 
 # %% ../nbs/00_utils.ipynb #f8b7bba9
 def kit_root() -> Path:

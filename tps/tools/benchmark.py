@@ -4,13 +4,13 @@
 
 # %% ../../nbs/23_tools.benchmark.ipynb #3c632348
 from __future__ import annotations
-import copy, functools, platform, resource, time, warnings
+import copy, functools, resource, time, warnings
 from dataclasses import dataclass
 from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ..utils import autocast_dtype, resolve_device
+from ..utils import autocast_dtype, cpu_model, resolve_device
 from ..config import Config
 from ..model import TPSNet, build_model
 from ..data.core import to_device
@@ -77,11 +77,8 @@ def device_name(device) -> str:
     "A readable name of `device`: the GPU's name, or the CPU with its core and thread counts."
     device = torch.device(device)
     if device.type == 'cuda': return torch.cuda.get_device_name(device)
-    import os, re
-    model = platform.processor() or platform.machine()
-    try: model = re.search(r'^model name\s*:\s*(.+)$', open('/proc/cpuinfo').read(), re.M).group(1).strip()
-    except (OSError, AttributeError): pass
-    return f"{model} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, no GPU"
+    import os
+    return f"{cpu_model()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, no GPU"
 
 def _timer(fn, min_time: float) -> float:
     "Median seconds per call of `fn` (one warm-up call, CUDA synchronised, the current number of CPU threads)."

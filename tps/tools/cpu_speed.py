@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ..utils import atomic_write
+from .benchmark import conv_flops
 from ..config import Config, experiment_config, apply_overrides
 
 # %% auto #0
@@ -93,7 +94,7 @@ def _cpu_name() -> str:
     return device_name('cpu')
 
 # %% ../../nbs/26_tools.cpu_speed.ipynb #650d77e4
-def _conv(cin, cout, k, h, w) -> int: return 2 * cout * cin * k * k * h * w
+def _conv(cin, cout, k, h, w) -> int: return conv_flops(cin, cout, k, (h, w))   # tps.tools.benchmark's formula
 
 def resnet_pass_flops(arch: str = 'resnet18', size=(256, 128), width: int = 64, num_classes: int = 15,
                       multi_level: bool = True, batch: int = 1) -> dict:
