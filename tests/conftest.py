@@ -16,7 +16,7 @@ def repo() -> Path:
 @pytest.fixture(scope='session')
 def smoke_data(tmp_path_factory) -> Path:
     "The synthetic benchmark at the `smoke` preset's size (64x32), written once per test session."
-    from tps.config import SMOKE_SYNTHETIC
+    from tps.presets import SMOKE_SYNTHETIC
     from tps.data.synthetic import make_synthetic
     root = tmp_path_factory.mktemp('smoke')/'syn'
     make_synthetic(out=root, progress=False, **SMOKE_SYNTHETIC)
@@ -26,7 +26,7 @@ def smoke_data(tmp_path_factory) -> Path:
 @pytest.fixture
 def smoke_config(smoke_data, tmp_path):
     "`smoke_config(method, **train)`: the `smoke` preset on `smoke_data`, runs under `tmp_path`, train keys overridden."
-    from tps.config import experiment_config
+    from tps.presets import experiment_config
     def make(method='tps', **train):
         ov = {'train.method': method, 'train.out_root': str(tmp_path/'runs'), **{f'train.{k}': v for k, v in train.items()}}
         return experiment_config('smoke', smoke_data, ov)

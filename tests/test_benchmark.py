@@ -7,7 +7,7 @@ import torch
 from tps.tools.benchmark import (count_flops, conv_flops, pass_flops, iteration_flops, make_runner, time_steps,
                                  tracking_check, smooth, count_host_syncs, matmul_tflops)
 from tps.steps import random_batches
-from tps.config import get_preset
+from tps.presets import get_preset
 
 REPO = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')

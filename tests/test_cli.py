@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from tps.cli import main
-from tps.config import get_preset
+from tps.presets import get_preset
 
 SMOKE_LR = get_preset('smoke').train.lr   # what a run of the smoke preset records
 
@@ -36,7 +36,7 @@ def _hashes(folder) -> dict:
 
 def test_help_lists_presets_and_keys():
     rc, out, _ = _run(['--help'])
-    from tps.config import PRESETS
+    from tps.presets import PRESETS
     assert rc == 0 and 'presets: ' + ', '.join(sorted(PRESETS)) in out and 'viper2city_faithful' in out
     for cmd in ('train', 'eval', 'config', 'check-data', 'flow', 'make-synthetic', 'demo'): assert cmd in out
     rc, out, _ = _run(['train', '--help'])
@@ -64,7 +64,8 @@ def test_version():
 
 
 def test_config_prints_the_effective_config(tmp_path):
-    from tps.config import config_from_dict, config_to_dict, get_preset, save_config
+    from tps.config import config_from_dict, config_to_dict, save_config
+    from tps.presets import get_preset
     rc, out, err = _run(['config', 'syn2city', 'train.iters=7', 'data.target_size=512x256'])
     assert rc == 0, err
     d = yaml.safe_load(out)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tps.config import get_preset, apply_overrides, CLASS_NAMES
+from tps.config import apply_overrides, CLASS_NAMES
+from tps.presets import get_preset
 from tps.data import CityscapesSeq, Viper, SynthiaSeq, build_source, build_target, DatasetError, benchmark_loader
 from tps.data.core import (CITYSCAPES_TO_TRAIN, VIPER_TO_TRAIN, SYNTHIA_TO_TRAIN, make_lut, map_label,
                            remove_ego_vehicle, read_label)

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tps.config import apply_overrides, get_preset
+from tps.config import apply_overrides
+from tps.presets import get_preset
 from tps.model import TPSNet
 from tps.augment import to_input
 from tps.steps import StepContext, random_batches
@@ -103,7 +104,8 @@ def test_speed_yardstick_computes_the_same_step(smoke_config):
 @pytest.mark.parametrize('base', ['syn2city', 'viper2city'])
 def test_davsn_presets_are_the_published_runs(base):
     "`syn2city_davsn` / `viper2city_davsn`: the paper preset with DA-VSN's published recipe (`DAVSN_PAPER`), nothing else."
-    from tps.config import DAVSN_PAPER, get_preset, preset_diff, validate
+    from tps.config import validate
+    from tps.presets import DAVSN_PAPER, get_preset, preset_diff
     c = validate(get_preset(f'{base}_davsn'))
     assert (c.train.method, c.model.fusion, c.model.splat) == ('davsn', 'splat', 'last')
     assert (c.train.lr, c.train.iters, c.train.save_every) == (2.5e-4, 120000, 1000)

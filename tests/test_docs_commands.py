@@ -120,7 +120,7 @@ def test_every_documented_command_is_known():
 def _write_init(path: Path):
     "A DeepLab ImageNet-init file ('Scale.' keys, backbone only) for the smoke preset's ResNet-18."
     import torch
-    from tps.config import get_preset
+    from tps.presets import get_preset
     from tps.model import build_model
     sd = build_model(get_preset('smoke').model).state_dict()
     keep = ('conv1', 'bn1', 'layer1', 'layer2', 'layer3', 'layer4')
@@ -136,7 +136,7 @@ def _scratch(root: Path, smoke_data: Path) -> Path:
     shutil.copytree(smoke_data/'cityscapes', work/'data'/'cityscapes')
     # VIPER frames are 16:9 like the real ones (1920x1080), so the flows data/README's tps-flow writes at VIPER's
     # published flow size (1024x576) have the frames' aspect ratio
-    from tps.config import SMOKE_SYNTHETIC
+    from tps.presets import SMOKE_SYNTHETIC
     from tps.data.synthetic import make_synthetic
     make_synthetic(out=str(root/'viper16x9'), progress=False, **{**SMOKE_SYNTHETIC, 'source_size': (64, 36)})
     shutil.copytree(root/'viper16x9'/'viper', work/'data'/'viper')
@@ -147,7 +147,7 @@ def _scratch(root: Path, smoke_data: Path) -> Path:
 
 
 def _smoke_make_synthetic() -> list:
-    from tps.config import SMOKE_SYNTHETIC as S
+    from tps.presets import SMOKE_SYNTHETIC as S
     return ['--size', 'x'.join(map(str, S['size'])), '--source-size', 'x'.join(map(str, S['source_size'])),
             '--snippets', str(S['snippets']), '--val-snippets', '2', '--source-seqs', str(S['source_seqs']),
             '--source-frames', str(S['source_frames']), '--workers', str(S['workers']), '--no-progress']
@@ -173,7 +173,7 @@ def _check_documented_config(preset: str, overrides: dict, data_root, work: Path
     "The documented values as written: `tps config` accepts them and they name an existing init file (what `tps train` checks first)."
     import contextlib, io
     from tps.cli import main
-    from tps.config import experiment_config
+    from tps.presets import experiment_config
     from tps.train import check_init
     err, cwd = io.StringIO(), os.getcwd()
     os.chdir(work)
@@ -319,7 +319,7 @@ def test_data_readme_commands_run(ran):
     adapt = work/'runs'/'viper2city'
     res = json.loads((adapt/'results.json').read_text())
     assert (adapt/'adapt.ipynb').exists() and res['table']
-    from tps.config import get_preset
+    from tps.presets import get_preset
     dones = list(adapt.glob('runs/*/*/done.json'))
     assert dones
     for done in dones:                                                           # no ITERS: the preset's train.iters

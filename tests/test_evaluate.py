@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tps.config import CLASS_NAMES, get_preset
+from tps.config import CLASS_NAMES
+from tps.presets import get_preset
 from tps.evaluate import (confusion_matrix, per_class_iou, mean_iou, train_to_label_ids, results_table,
                           write_table, evaluate_run)
 

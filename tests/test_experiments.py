@@ -115,7 +115,7 @@ def _quiet(*a, **k): pass
 
 @pytest.mark.slow   # papermill experiment runs
 def test_finished_runs_are_reused(tiny_data, tmp_path):
-    from tps.config import experiment_config
+    from tps.presets import experiment_config
     from tps.experiments import run_methods
     cfg = experiment_config('demo', tiny_data, {**TINY, 'data.check': 'off'}, device='cpu')
     its = {'warmup': 2, 'source_only': 2, 'tps': 2}
@@ -139,7 +139,7 @@ def test_finished_runs_are_reused(tiny_data, tmp_path):
 @pytest.mark.slow   # papermill experiment runs
 def test_reuse_sees_regenerated_data(tmp_path):
     "Same path, other generator parameters: the data digest differs, so nothing is reused."
-    from tps.config import experiment_config
+    from tps.presets import experiment_config
     from tps.data.synthetic import make_synthetic
     from tps.experiments import run_methods, data_digest
     root = tmp_path/'syn'
@@ -221,15 +221,21 @@ def test_run_demo_records_seeds_and_data_seed(tmp_path):
 
 
 @pytest.mark.slow   # papermill experiment runs
-def test_sanity_notebook(tmp_path):
-    "Every lever runs from each seed's oracle checkpoint; the table's differences are the paired held-out differences."
+@pytest.mark.parametrize('protocol', ['demo', 'sound'])
+def test_sanity_notebook(tmp_path, protocol):
+    "Every lever runs from each seed's oracle checkpoint under the protocol's schedule; the table's differences are the paired held-out differences under the protocol's evaluation."
+    from tps.harness import get_protocol
+    from tps.train import poly_lr
     levers = {'source_only': ['source_only', {}], 'tps': ['tps', {}], 'tps_lambda0': ['tps', {'train.lambda_t': 0.0}]}
     run_notebook(NB/'sanity.ipynb', tmp_path/'sanity.ipynb', stream=False, parameters=dict(
-        SEEDS=[0, 1], HOLDOUT=1, LEVERS=levers, DATA=TINY_GEN, DATA_DIR=str(tmp_path/'data'), OVERRIDES=TINY,
-        ITERS={'warmup': 2, 'oracle': 2, 'adapt': 2}, DEVICE='cpu', OUT_ROOT=str(tmp_path)))
+        PROTOCOL=protocol, SEEDS=[0, 1], HOLDOUT=1, BN_FRAMES=2, LEVERS=levers, DATA=TINY_GEN, DATA_DIR=str(tmp_path/'data'),
+        OVERRIDES=TINY, ITERS={'warmup': 2, 'oracle': 2, 'adapt': 2}, DEVICE='cpu', OUT_ROOT=str(tmp_path),
+        SHIFT0_SEEDS=[0, 1] if protocol == 'sound' else []))
     res = json.loads((tmp_path/'results.json').read_text())
     recs = res['records']
     assert {r['method'] for r in recs} == {'oracle', *levers} and len(recs) == 2 * (1 + len(levers))
+    used = 'bn_recomputed' if get_protocol(protocol).overrides.get('eval.bn_recompute') else 'as_trained'
+    assert all(r['result']['miou'] == r['result'][used] for r in recs)   # the check uses the protocol's evaluation
     for name in levers:                                            # paired against the oracle of the same seed
         by = lambda m: {r['seed']: r['result']['miou'] for r in recs if r['method'] == m}
         d = [by(name)[s] - by('oracle')[s] for s in (0, 1)]
@@ -239,4 +245,19 @@ def test_sanity_notebook(tmp_path):
     for r in runs:                                                 # each lever started from its seed's oracle
         init = (Path(r['run_dir'])/'config.yaml').read_text()
         assert str(Path(oracle_ck[r['seed']]).name) in init, (r['lever'], r['seed'])
-    assert (tmp_path/'sanity.md').read_text().count('\n') == 3 + len(levers)
+    assert (tmp_path/'sanity.md').read_text().count('\n') == 3 + len(levers) and (tmp_path/'lr.png').stat().st_size > 0
+    # check (c): under the continuous protocol every logged lr is the warm-up's schedule (4 iterations, 150-iteration
+    # ramp) at its place; under the demo's the adaptation starts a schedule of its own
+    lr = lambda x: 5e-3 * poly_lr(1.0, x - 1, 4) * min(1.0, x / 150)
+    pts = res['lr']['warm-up'] + res['lr']['tps']
+    assert len(res['lr']['tps']) == 2 and all(abs(v - lr(x)) < 1e-9 for x, v in pts) == (protocol == 'sound'), pts
+    if protocol == 'sound':                                        # checks (b) and (d) at shift 0, through the harness
+        s0 = res['shift0']
+        assert sorted((r['method'], r['seed'], r['shift']) for r in s0['records']) == \
+            [('source_only', 0, 0.0), ('source_only', 1, 0.0), ('tps', 0, 0.0), ('tps', 1, 0.0)]
+        d = {r['seed']: r['result']['miou'] for r in s0['records'] if r['method'] == 'tps'}
+        d = [d[k] - {r['seed']: r['result']['miou'] for r in s0['records'] if r['method'] == 'source_only'}[k] for k in (0, 1)]
+        assert abs(s0['tps_minus_source_only']['mean'] - sum(d) / 2) < 0.011 and s0['check_b'] == (abs(sum(d) / 2) <= 1.005)
+        assert sorted(s0['pl_acc_curves']) == ['0', '1'] and all(len(c) == 2 for c in s0['pl_acc_curves'].values())
+        assert (tmp_path/'pl_shift0.png').stat().st_size > 0
+    else: assert res['shift0'] == {}

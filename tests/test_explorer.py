@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from tps.augment import to_input, flip_pair
-from tps.config import get_preset, apply_overrides, config_to_dict
+from tps.config import apply_overrides, config_to_dict
+from tps.presets import get_preset
 from tps.data import CityscapesSeq
 from tps.data.synthetic import make_synthetic
 from tps.metrics import confusion_matrix, per_class_iou, mean_iou

@@ -1,6 +1,10 @@
 """The pseudo-label explorer in a real browser: JupyterLab on a free localhost port with a temporary token, headless
 Chromium driven by Playwright runs the notebook, moves the threshold and the sample slider, checks that the rendered
-panels change, and saves a screenshot (figures/explorer.png with TPS_WRITE_FIGURES=1, else a temporary file). The server is always shut down."""
+panels change, and saves a screenshot (figures/explorer.png with TPS_WRITE_FIGURES=1, else a temporary file). The server is always shut down.
+
+The committed screenshot shows a trained network on the demo's benchmark: set TPS_EXPLORER_CHECKPOINT to a demo
+checkpoint (a run folder or .pth) and TPS_EXPLORER_DATA to the benchmark's root (the folder holding cityscapes/ and
+cityscapes_flow/, e.g. data/synthetic); without them the test builds a tiny benchmark and an untrained network."""
 import json, os, secrets, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 import pytest
@@ -66,11 +70,13 @@ def _stop(proc, port, token):
         if sig == signal.SIGTERM: time.sleep(0.5)
 
 
-NOTEBOOK_CELLS = [
-    "import torch\ntorch.set_num_threads(2)\nfrom tps.data import CityscapesSeq\nfrom tps.explorer import PseudoLabelExplorer",
-    "ds = CityscapesSeq('data/cityscapes', 'data/cityscapes_flow/train', size=(128, 64), interval=1)\n"
-    "ex = PseudoLabelExplorer('r18.pth', ds, intervals=(1, 3), device='cpu', panel_width=192)\nex",
-]
+TRAINED = os.environ.get('TPS_EXPLORER_CHECKPOINT'), os.environ.get('TPS_EXPLORER_DATA')
+
+
+def notebook_cells(size, intervals) -> list:
+    return ["import torch\ntorch.set_num_threads(2)\nfrom tps.data import CityscapesSeq\nfrom tps.explorer import PseudoLabelExplorer",
+            f"ds = CityscapesSeq('data/cityscapes', 'data/cityscapes_flow/train', size={tuple(size)}, interval=1)\n"
+            f"ex = PseudoLabelExplorer('r18.pth', ds, intervals={tuple(intervals)}, device='cpu', panel_width=192)\nex"]
 
 
 def _notebook(cells) -> dict:
@@ -89,11 +95,19 @@ def lab(tmp_path):
     from tps.data.synthetic import make_synthetic
     from tps.model import TPSNet
     root = tmp_path/'root'
-    make_synthetic(root/'data', size=SIZE, source_size=SIZE, snippets=2, val_snippets=0, source_seqs=1,
-                   source_frames=10, intervals=(1, 3), full_snippets=0, workers=1, progress=False)
-    torch.manual_seed(0)
-    torch.save(TPSNet('resnet18', 15).state_dict(), root/'r18.pth')
-    (root/'explorer.ipynb').write_text(json.dumps(_notebook(NOTEBOOK_CELLS)))
+    if all(TRAINED):                                    # a trained demo checkpoint on the demo's benchmark
+        from tps.runs import load_model, resolve_checkpoint
+        root.mkdir(parents=True); (root/'data').symlink_to(Path(TRAINED[1]).resolve(), target_is_directory=True)
+        net, _ = load_model(resolve_checkpoint(TRAINED[0]), 'cpu')
+        torch.save(net.state_dict(), root/'r18.pth')
+        cells = notebook_cells((256, 128), (1,))
+    else:
+        make_synthetic(root/'data', size=SIZE, source_size=SIZE, snippets=2, val_snippets=0, source_seqs=1,
+                       source_frames=10, intervals=(1, 3), full_snippets=0, workers=1, progress=False)
+        torch.manual_seed(0)
+        torch.save(TPSNet('resnet18', 15).state_dict(), root/'r18.pth')
+        cells = notebook_cells(SIZE, (1, 3))
+    (root/'explorer.ipynb').write_text(json.dumps(_notebook(cells)))
     settings = tmp_path/'settings'/'@jupyterlab'/'apputils-extension'
     settings.mkdir(parents=True)
     (settings/'notification.jupyterlab-settings').write_text('{"fetchNews": "false", "checkForUpdates": false}')

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tps.config import get_preset, apply_overrides, ConfigError, FAITHFUL
+from tps.config import apply_overrides, ConfigError
+from tps.presets import get_preset, FAITHFUL
 from tps.model import TPSNet
 from tps.augment import to_input, match_histograms
 from tps.steps import StepContext, step_tps, random_batches

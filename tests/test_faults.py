@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tps.cli import main
-from tps.config import get_preset
+from tps.presets import get_preset
 
 SMOKE_LR = get_preset('smoke').train.lr   # what a run of the smoke preset records
 
@@ -120,7 +120,8 @@ def test_bad_value_is_named_and_leaves_no_run_folder(fault, overrides, pieces, s
 
 def test_config_with_preset_is_refused(smoke_data, tmp_path):
     "`--config` with `--preset` (the preset was once silently ignored), and `tps config NAME --config FILE`."
-    from tps.config import get_preset, save_config
+    from tps.config import save_config
+    from tps.presets import get_preset
     save_config(get_preset('smoke'), tmp_path/'c.yaml')
     for argv in (['train', '--preset', 'demo', '--config', tmp_path/'c.yaml', f'train.out_root={tmp_path/"runs"}'],
                  ['config', 'demo', '--config', tmp_path/'c.yaml']):
@@ -214,7 +215,7 @@ def test_resume_of_a_finished_run_changes_nothing(run_copy):
 def test_resume_after_the_init_file_moved(smoke_data, tmp_path):
     "A run started from model.init resumes from its checkpoint even when the init file is gone."
     from tps.model import build_model
-    from tps.config import get_preset
+    from tps.presets import get_preset
     init = tmp_path/'init.pth'
     torch.save(build_model(get_preset('smoke').model).state_dict(), init)
     rc, _, err = cli(['train', '--preset', 'smoke', *data_ov(smoke_data), f'model.init={init}', 'train.iters=2',
@@ -328,7 +329,8 @@ def test_files_honour_the_umask(umask, tmp_path):
     from tps.utils import atomic_write
     from tps.flow import write_flow
     from tps.runs import save_checkpoint
-    from tps.config import get_preset, save_config
+    from tps.config import save_config
+    from tps.presets import get_preset
     old = os.umask(umask)
     try:
         paths = [atomic_write(tmp_path/'a.json', '{}'), write_flow(tmp_path/'f_int16_x10.npy', torch.zeros(2, 4, 6)),
@@ -467,7 +469,7 @@ def test_eval_results_of_two_checkpoints_and_splits_do_not_overwrite(run_copy):
 def test_demo_writes_figures_and_results_under_out(data_copy, tmp_path, monkeypatch):
     "run_demo hands the notebooks folders under --out (or --figures / --results), never the repository's figures/."
     import tps.experiments as E
-    from tps.config import SMOKE_SYNTHETIC
+    from tps.presets import SMOKE_SYNTHETIC
     repo_figs = hashes(REPO/'figures')
     seen = []
     def fake_run_notebook(src, dst, parameters=None, **kw):                    # what the notebooks would write, where they are told

@@ -53,7 +53,7 @@ def test_readme_figures_exist():
 
 def test_plus_preset_is_the_ablation_choice():
     "`TPS_PLUS` (the `*_plus` presets) is the variant the committed ablation chose on its held-out frames."
-    from tps.config import TPS_PLUS
+    from tps.presets import TPS_PLUS
     res = _json('ablation')
     assert res['variants'][res['chosen']] == TPS_PLUS, (res['chosen'], TPS_PLUS)
 

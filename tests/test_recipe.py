@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from tps.config import get_preset, apply_overrides
+from tps.config import apply_overrides
+from tps.presets import get_preset
 
 
 @pytest.fixture(autouse=True)
@@ -126,7 +127,8 @@ def test_paper_presets_keep_the_published_recipe(name):
 
 
 def test_plus_presets_only_add_the_switches():
-    from tps.config import TPS_PLUS, config_to_dict
+    from tps.config import config_to_dict
+    from tps.presets import TPS_PLUS
     flat = lambda c: {f'{s}.{k}': v for s, d in config_to_dict(c).items() if isinstance(d, dict) for k, v in d.items()}
     for plus, base in (('tps_plus', 'demo'), ('syn2city_plus', 'syn2city'), ('viper2city_plus', 'viper2city')):
         a, b = flat(get_preset(plus)), flat(get_preset(base))

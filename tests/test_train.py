@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tps.config import get_preset, save_config
+from tps.config import save_config
+from tps.presets import get_preset
 
 @pytest.fixture(autouse=True)
 def one_thread():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, inspect, os, re, sys
 from pathlib import Path
 from . import config as C
+from . import presets as P
 from .config import METHODS
 
 # %% auto #0
@@ -31,7 +32,7 @@ def _epilog(cfg: C.Config | None = None, name: str | None = None) -> str:
     "Presets and every `section.key`, with the values of `cfg` (a preset) or the base defaults."
     vals = C.config_to_dict(cfg) if cfg is not None else None
     head = f"config keys (section.key=value), values of preset {name!r}:" if cfg is not None else 'config keys (section.key=value), defaults:'
-    lines = [f"presets: {', '.join(sorted(C.PRESETS))}", '', head]
+    lines = [f"presets: {', '.join(sorted(P.PRESETS))}", '', head]
     for k, v, c in config_keys():
         if vals is not None:
             sec, key = k.split('.'); v = vals[sec][key]
@@ -46,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 def _epilog_for(argv) -> str:
     "The help epilog for the preset named by `--preset` in `argv` (the base config's defaults otherwise)."
     name = next((argv[i + 1] for i, w in enumerate(argv[:-1]) if w == '--preset'), None)
-    try: cfg = C.get_preset(name) if name else None
+    try: cfg = P.get_preset(name) if name else None
     except KeyError: cfg = None
     return _epilog(cfg, name)
 
@@ -59,7 +60,7 @@ def _parser(argv=()) -> argparse.ArgumentParser:
     p.add_argument('--version', action='version', version=f'tps {__version__}')
     sub = p.add_subparsers(dest='cmd', metavar='{train,eval,config,check-data,flow,make-synthetic,demo,benchmark}')
     def cfg_args(q, preset_default=None):
-        q.add_argument('--preset', default=preset_default, help=f"one of {sorted(C.PRESETS)}" + (f" (default {preset_default})" if preset_default else ''))
+        q.add_argument('--preset', default=preset_default, help=f"one of {sorted(P.PRESETS)}" + (f" (default {preset_default})" if preset_default else ''))
         q.add_argument('--config', help='a config.yaml to start from instead of a preset')
         q.add_argument('overrides', nargs='*', metavar='section.key=value')
     t = sub.add_parser('train', help='train a method from a preset (+ overrides), or resume a run', epilog=ep, formatter_class=fmt)
@@ -124,7 +125,7 @@ def _config(a) -> C.Config:
     preset = getattr(a, 'preset', None) or name
     if getattr(a, 'config', None) and preset:
         raise C.ConfigError(f"pass either a preset ({preset}) or --config ({a.config}), not both: the config file already holds every setting")
-    cfg = C.load_config(a.config) if getattr(a, 'config', None) else C.get_preset(preset or 'demo')
+    cfg = C.load_config(a.config) if getattr(a, 'config', None) else P.get_preset(preset or 'demo')
     ov = C.parse_overrides(a.overrides)
     C.apply_overrides(cfg, ov)
     if 'train.method' in ov: C.method_defaults(cfg, explicit=ov)   # a method brings its own model (DA-VSN: splat fusion)
@@ -168,7 +169,7 @@ def _cmd_eval(a) -> int:
     if not path.exists(): raise FileNotFoundError(f"{path}: no such checkpoint file or run folder")
     from tps.evaluate import evaluate, evaluate_run, results_table, write_table
     from tps.runs import run_config
-    cfg = C.get_preset(a.preset) if a.preset else run_config(path)
+    cfg = P.get_preset(a.preset) if a.preset else run_config(path)
     ov = C.parse_overrides(a.overrides)
     C.validate(C.apply_overrides(cfg, ov))
     best = path.is_dir() and not ('eval.mode' in ov and cfg.eval.mode == 'single')
@@ -204,12 +205,12 @@ def _cmd_check_data(a) -> int:
 def _cmd_config(a) -> int:
     "`tps config NAME [overrides]`: the effective config as YAML; with `--diff`, what preset NAME changes from its base."
     import yaml
-    if not (a.name and '=' not in a.name) and not a.config: raise C.ConfigError(f"tps config: name a preset ({', '.join(sorted(C.PRESETS))}) or pass --config FILE")
+    if not (a.name and '=' not in a.name) and not a.config: raise C.ConfigError(f"tps config: name a preset ({', '.join(sorted(P.PRESETS))}) or pass --config FILE")
     if a.diff:
-        if a.config or a.overrides or a.name not in C.PRESETS: raise C.ConfigError("tps config --diff: name a preset, without --config or overrides")
-        base = C.PRESETS[a.name].base
+        if a.config or a.overrides or a.name not in P.PRESETS: raise C.ConfigError("tps config --diff: name a preset, without --config or overrides")
+        base = P.PRESETS[a.name].base
         print(f"{a.name}: changes from {f'preset {base!r}' if base else 'the defaults'}")
-        for k, (old, new) in C.preset_diff(a.name).items(): print(f"  {k}: {old!r} -> {new!r}")
+        for k, (old, new) in P.preset_diff(a.name).items(): print(f"  {k}: {old!r} -> {new!r}")
         return 0
     print(yaml.safe_dump(C.config_to_dict(_config(a)), sort_keys=False), end='')
     return 0
@@ -217,13 +218,13 @@ def _cmd_config(a) -> int:
 # %% ../nbs/19_cli.ipynb #ec9c30c6
 def _smoke_demo(a, ov: dict):
     "`TPS_SMOKE=1`: shrink `tps demo` (both paths) to smoke size in place, and say so."
-    smoke = C.get_preset('smoke')
+    smoke = P.get_preset('smoke')
     sizes = {k: list(v) for k, v in (('data.source_size', smoke.data.source_size), ('data.target_size', smoke.data.target_size),
                                      ('eval.input_size', smoke.eval.input_size), ('eval.label_size', smoke.eval.label_size))}
     for k, v in sizes.items(): ov.setdefault(k, v)
     a.iters, a.warmup_iters = a.iters or 1, 1
     a.seeds, a.device = a.seeds or [0], 'cpu' if a.device == 'auto' else a.device
-    a.make_data = {**C.SMOKE_SYNTHETIC, 'val_snippets': 2}      # two val frames: qualitative.ipynb shows two rows
+    a.make_data = {**P.SMOKE_SYNTHETIC, 'val_snippets': 2}      # two val frames: qualitative.ipynb shows two rows
     print(f"tps demo: TPS_SMOKE=1: smoke size ({smoke.data.target_size[0]}x{smoke.data.target_size[1]} frames, "
           f"seeds {list(a.seeds)}, {a.iters} iteration(s) per method after a 1-iteration warm-up, {a.device})", file=sys.stderr)
 
@@ -231,7 +232,7 @@ def _cmd_demo(a) -> int:
     "`tps demo`: the main job through papermill (`tps.experiments.run_demo`), or with `--quick` its small path."
     ov = C.parse_overrides(a.overrides)
     if os.environ.get('TPS_SMOKE') == '1': _smoke_demo(a, ov)
-    C.validate(C.apply_overrides(C.get_preset('demo'), ov))  # a bad key or value fails here, before any work
+    C.validate(C.apply_overrides(P.get_preset('demo'), ov))  # a bad key or value fails here, before any work
     from tps.experiments import run_demo, DEMO_SEEDS, QUICK_METHODS, demo_data_dir
     data = a.data or str(demo_data_dir(a.data_seed))
     make_data = getattr(a, 'make_data', None)

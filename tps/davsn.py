@@ -95,7 +95,7 @@ def step_davsn(ctx: StepContext, src: dict, tgt: dict) -> dict:
     for n in DISCRIMINATORS: E[f'opt_{n}'].zero_grad(set_to_none=True)    # the loop zeroes the network's only
     _set_requires_grad(Ds, False)
     # 1. source: CE on the fused heads at the label size
-    with ctx.autocast():
+    with ctx.autocast(), ctx.off_target():
         so = ctx.net(ctx.inp(src['d']), ctx.inp(src['c']), src['flow_dc'])
         s = seg_loss(so.fused_main, so.fused_aux, src['label'], t.lambda_aux, t.legacy_ce)
     s['loss'].backward()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_evaluate.ipynb #9942c394
 from __future__ import annotations
-import csv, hashlib, io, json, random, time
+import copy, csv, hashlib, io, json, random, time
 from contextlib import nullcontext
 from pathlib import Path
 import numpy as np
@@ -17,11 +17,12 @@ from .augment import to_input, match_histograms
 from .metrics import confusion_matrix, per_class_iou, mean_iou
 from .data.build import build_source, build_target, setting_of
 from .runs import list_checkpoints, load_model, checkpoint_iter
+from .model import unwrap
 from .viz import colorize
 
 # %% auto #0
-__all__ = ['train_to_label_ids', 'predict', 'holdout_indices', 'evaluate', 'results_table', 'write_table', 'evaluate_run',
-           'checkpoint_evaluator']
+__all__ = ['train_to_label_ids', 'predict', 'holdout_indices', 'recompute_bn_stats', 'evaluate', 'results_table', 'write_table',
+           'evaluate_run', 'checkpoint_evaluator']
 
 # %% ../nbs/15_evaluate.ipynb #bec3542d
 def train_to_label_ids(setting: str) -> np.ndarray:
@@ -66,6 +67,29 @@ def _load_net(cfg: Config, checkpoint_or_model, device):
     net, path = load_model(checkpoint_or_model, device, model_cfg=cfg.model)
     return net, str(path), checkpoint_iter(path)
 
+# %% ../nbs/15_evaluate.ipynb #facf5522
+@torch.no_grad()
+def recompute_bn_stats(cfg: Config, net: torch.nn.Module, n: int, device=None) -> torch.nn.Module:
+    "A copy of `net` (in eval mode) whose batch norm running statistics are the average over `n` clean target-train frame pairs (d, c), held-out frames excluded; no labels read, no weight changed."
+    device = device or resolve_device(cfg.train.device)
+    net = copy.deepcopy(unwrap(net)).to(device)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    ds = build_target(cfg, 'train', teacher=False, eval_sizes=True)
+    held = set(holdout_indices(len(ds), cfg.eval.holdout)) if cfg.eval.holdout else set()
+    pool = [i for i in range(len(ds)) if i not in held]
+    if n < 1 or not pool: raise ValueError(f"eval.bn_recompute={n}: expected >= 1 and some target-train frames besides the {len(held)} held-out ones (the split has {len(ds)})")
+    momenta = [m.momentum for m in bns]
+    for m in bns: m.reset_running_stats(); m.momentum = None; m.train()      # momentum None: a plain average
+    dt = autocast_dtype(cfg.train, device)
+    for j in range(min(n, len(pool))):
+        s = ds[pool[j * len(pool) // min(n, len(pool))]]
+        d, c, flow = (s[k][None].to(device) for k in ('d', 'c', 'flow_dc'))
+        with (torch.autocast(device.type, dtype=dt) if dt is not None else nullcontext()):
+            net(to_input(d), to_input(c), flow)
+    for m, mom in zip(bns, momenta): m.momentum = mom
+    return net.eval()
+
+
 # %% ../nbs/15_evaluate.ipynb #5bdbfe1a
 @torch.no_grad()
 def evaluate(cfg: Config, checkpoint_or_model, split: str | None = None, max_frames: int | None = None,
@@ -77,6 +101,7 @@ def evaluate(cfg: Config, checkpoint_or_model, split: str | None = None, max_fra
     names = cfg.class_names
     C = len(names)
     net, desc, it = _load_net(cfg, checkpoint_or_model, device)
+    if cfg.eval.bn_recompute: net = recompute_bn_stats(cfg, net, cfg.eval.bn_recompute, device)   # a copy
     was_training = net.training
     net.eval()
     ds = _dataset(cfg, split)
@@ -116,7 +141,7 @@ def evaluate(cfg: Config, checkpoint_or_model, split: str | None = None, max_fra
     return {'checkpoint': desc, 'iter': it, 'split': split, 'n_frames': n, 'classes': names, 'drop': drop,
             'iou': {k: round(float(v) * 100, 2) for k, v in zip(names, iou)},
             'miou': mean_iou(cm, drop, names), 'confusion': cm.cpu().tolist(),
-            'seconds': round(time.perf_counter() - t0, 2)}
+            'seconds': round(time.perf_counter() - t0, 2), **({'bn_recompute': cfg.eval.bn_recompute} if cfg.eval.bn_recompute else {})}
 
 # %% ../nbs/15_evaluate.ipynb #ed10d10a
 def _rows(rows):
@@ -153,7 +178,8 @@ def write_table(rows, path) -> tuple:
 # %% ../nbs/15_evaluate.ipynb #3c3c3a20
 def _cache_key(cfg: Config, split: str) -> str:
     e = cfg.eval
-    s = json.dumps([split, list(e.input_size), list(e.label_size), e.holdout, cfg.model.num_classes, cfg.data.target_root])
+    s = json.dumps([split, list(e.input_size), list(e.label_size), e.holdout, cfg.model.num_classes, cfg.data.target_root]
+                   + ([e.bn_recompute] if e.bn_recompute else []))
     return hashlib.sha1(s.encode()).hexdigest()[:10]
 
 def _stamp(p: Path) -> list:

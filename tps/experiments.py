@@ -7,7 +7,8 @@ from __future__ import annotations
 import copy, hashlib, json, sys, threading, time
 from pathlib import Path
 from .utils import atomic_write
-from .config import Config, ConfigError, METHODS, experiment_config, method_defaults
+from .config import Config, ConfigError, METHODS, method_defaults
+from .presets import experiment_config
 from .data.build import build_source, build_target, check_datasets
 from .runs import config_changes, make_run_dir, resolve_checkpoint, run_config
 from .train import train
@@ -118,13 +119,14 @@ class _Watcher:
 
 # %% ../nbs/17_experiments.ipynb #f107604a
 def method_config(cfg: Config, method: str, seed: int, iters: int, init: str = '', name: str | None = None,
-                  max_iters: int | None = None) -> Config:
-    "The config of one row of the table: `cfg` with the method, its overrides, the seed, the iterations and the warm start."
+                  max_iters: int | None = None, schedule_start: int = 0) -> Config:
+    "The config of one row of the table: `cfg` with the method, its overrides, the seed, the iterations, the warm start and where in the lr schedule it starts."
     c = copy.deepcopy(cfg)
     c.train.method, c.train.seed, c.train.iters = method, int(seed), int(iters)
     method_defaults(c)                                             # what the method brings (DA-VSN: its own model)
     # poly schedule length: as given; a warm start gets a fresh schedule over its own iterations; never shorter than the run
     c.train.max_iters = int(max_iters or (iters if init else max(c.train.max_iters, iters)))
+    c.train.schedule_start = int(schedule_start)                  # > 0: the warm-up's schedule continued (`tps.train.set_lr`)
     if c.eval.mode == 'single': c.train.save_every = int(iters)   # only the final checkpoint is evaluated
     if init: c.model.init = str(init)
     c.name = name or f'{method}_s{seed}'
@@ -154,9 +156,9 @@ def finished_run(c: Config, out_root) -> Path | None:
 # %% ../nbs/17_experiments.ipynb #8861fac8
 def run_method(cfg: Config, method: str, seed: int, iters: int, out_root, init: str = '', name: str | None = None,
                eval_frames: int | None = None, progress_every: float = 0, max_iters: int | None = None,
-               reuse: bool = True) -> dict:
+               reuse: bool = True, schedule_start: int = 0) -> dict:
     "Train `method` with `seed` for `iters` iterations (from `init` if given) into a fresh run folder and evaluate it; with `reuse`, a finished identical run is taken as it is."
-    c = method_config(cfg, method, seed, iters, init, name, max_iters)
+    c = method_config(cfg, method, seed, iters, init, name, max_iters, schedule_start)
     run_dir = finished_run(c, out_root) if reuse else None
     t0 = time.perf_counter()
     if run_dir is None:
@@ -179,10 +181,10 @@ def run_method(cfg: Config, method: str, seed: int, iters: int, out_root, init: 
 
 # %% ../nbs/17_experiments.ipynb #0319f810
 def warmup_run(cfg: Config, seed: int, iters: int, out_root, eval_frames: int | None = None, progress_every: float = 0,
-               reuse: bool = True) -> dict:
-    "The source-only warm-up of `seed` (`out_root/warmup_s<seed>`; its poly schedule spans the warm-up), trained or reused; its record."
+               reuse: bool = True, max_iters: int | None = None) -> dict:
+    "The source-only warm-up of `seed` (`out_root/warmup_s<seed>`; its poly schedule spans the warm-up, or `max_iters` when the adaptation continues it), trained or reused; its record."
     w = run_method(cfg, 'source_only', seed, iters, out_root, name=f'warmup_s{seed}', eval_frames=eval_frames,
-                   progress_every=progress_every, max_iters=iters, reuse=reuse)
+                   progress_every=progress_every, max_iters=max_iters or iters, reuse=reuse)
     w['method'] = 'warmup'
     return w
 

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from .config import CLASS_NAMES, IGNORE
 from .augment import to_input, from_input, strong_augment
-from .teacher import apply_threshold
+from .teacher import apply_threshold, pseudo_labels
 from fastcore.basics import patch
-from .teacher import pseudo_labels
 from .flow import flow_to_color
 from .metrics import pseudo_label_metrics, pseudo_label_scores
 from .runs import load_model
@@ -90,12 +89,13 @@ _TITLES = {'d': 'frame d', 'b': 'frame b = d-k', 'flow_db': 'flow d→b', 'teach
            'student_input': 'student input (d, aug.)', 'student': 'student prediction'}
 _CAPTION = ('<small>errors: <span style="color:#d00">red</span> wrong, <span style="color:#466eff">blue</span> dropped '
             'by the threshold, black unlabelled &middot; confidence: maximum warped teacher probability, dimmed '
-            'below the threshold &middot; labels are drawn at the score-map resolution (stride 8)</small>')
+            'below the threshold &middot; pseudo labels are made at the score map (stride 8) or, with "labels at: input", '
+            'from teacher scores upsampled to the frame (<code>train.pl_size</code>)</small>')
 
 class PseudoLabelExplorer:
     "Interactive view of TPS's cross-frame pseudo labels on a target dataset, for a network or checkpoint."
     def __init__(self, model_or_checkpoint, dataset, setting: str | None = None, device=None, intervals=None,
-                 threshold: float = 0.0, panel_width: int = 256, cache_size: int = 32, **model_kw):
+                 threshold: float = 0.0, panel_width: int = 256, cache_size: int = 32, pl_size: str = 'score', **model_kw):
         self.net, _ = load_model(model_or_checkpoint, 'auto' if device is None else device, **model_kw)
         self.device = next(self.net.parameters()).device
         self._factory = dataset if callable(dataset) and not isinstance(dataset, torch.utils.data.Dataset) else None
@@ -121,13 +121,13 @@ class PseudoLabelExplorer:
         self._samples, self._teacher, self._student = OrderedDict(), OrderedDict(), OrderedDict()
         self.visited, self.current, self.images = {}, {}, {}
         self._syncing, self.error = False, None
-        self._make_controls(threshold)
+        self._make_controls(threshold, pl_size)
         self._lay_out()
         self.update()
 
 # %% ../nbs/16_explorer.ipynb #8d3a0bff
 @patch
-def _make_controls(self: PseudoLabelExplorer, threshold: float):
+def _make_controls(self: PseudoLabelExplorer, threshold: float, pl_size: str = 'score'):
     "The control widgets, the panels and the legend."
     import ipywidgets as W
     lay = W.Layout(width='auto')
@@ -149,6 +149,10 @@ def _make_controls(self: PseudoLabelExplorer, threshold: float):
                                 style={'button_width': '70px', 'description_width': 'initial'})
     self.view = W.ToggleButtons(options=['overlay', 'labels'], value='overlay', description='view',
                                 style={'button_width': '70px', 'description_width': 'initial'})
+    if pl_size not in ('score', 'input'): raise ValueError(f"pl_size={pl_size!r}: expected 'score' or 'input'")
+    self.pl_size = W.ToggleButtons(options=['score', 'input'], value=pl_size, description='labels at', tooltips=[
+        'the score map (stride 8), the reference', 'teacher scores upsampled to the frame, warped with the full flow'],
+                                   style={'button_width': '60px', 'description_width': 'initial'})
     self.reset = W.Button(description='reset summary', layout=W.Layout(width='130px'))
     self.status = W.HTML('')
     self.table = W.HTML('')
@@ -165,17 +169,17 @@ def _lay_out(self: PseudoLabelExplorer):
         boxes.append(W.VBox([W.HTML(f'<b style="font-size:12px">{_TITLES[p]}</b>'), self.panels[p]]))
     for w, c in ((self.sample, 'sample'), (self.name, 'name'), (self.interval, 'interval'), (self.flip, 'flip'),
                  (self.threshold, 'threshold'), (self.augment, 'augment'), (self.seed, 'seed'),
-                 (self.mode, 'mode'), (self.view, 'view'), (self.status, 'status'), (self.table, 'table'),
+                 (self.mode, 'mode'), (self.view, 'view'), (self.pl_size, 'pl_size'), (self.status, 'status'), (self.table, 'table'),
                  (self.reset, 'reset')):
         w.add_class(f'tps-{c}')
     controls = W.VBox([W.HBox([self.sample, self.name, self.interval]),
                        W.HBox([self.threshold, self.flip, self.augment, self.seed]),
-                       W.HBox([self.mode, self.view, self.reset]), self.status])
+                       W.HBox([self.mode, self.view, self.pl_size, self.reset]), self.status])
     grid = W.GridBox(boxes, layout=W.Layout(grid_template_columns=f'repeat(4, {self.panel_width + 8}px)'))
     self.widget = W.VBox([controls, grid, W.HTML(_CAPTION), self.legend, self.table])
     self.widget.add_class('tps-explorer')
     for w in (self.sample, self.name, self.interval, self.flip, self.threshold, self.augment, self.seed,
-              self.mode, self.view):
+              self.mode, self.view, self.pl_size):
         w.observe(self._on_change, 'value')
     self.reset.on_click(lambda _: self.reset_summary())
 
@@ -203,7 +207,7 @@ def legacy(self: PseudoLabelExplorer) -> bool: return self.mode.value == 'legacy
 def _keys(self: PseudoLabelExplorer):
     i, k = self.sample.value, self.interval.value
     flip, aug = bool(self.flip.value), bool(self.augment.value)
-    tkey = (i, k, flip, flip and self.legacy)
+    tkey = (i, k, flip, flip and self.legacy, self.pl_size.value)
     skey = (i, k, aug, int(self.seed.value) if aug else None, aug and self.legacy)
     return tkey, skey
 
@@ -235,11 +239,12 @@ def _forward(self: PseudoLabelExplorer, cf, kf, flow):
     finally: self.net.train(was)
 
 @patch
-def _run_teacher(self: PseudoLabelExplorer, s, flip, legacy) -> dict:
+def _run_teacher(self: PseudoLabelExplorer, s, flip, legacy, pl_size: str = 'score') -> dict:
     was = self.net.training
     self.net.eval()
     try: pl = pseudo_labels(self.net, s, 'previous', flip=torch.tensor([flip]), legacy_flip=legacy,
-                            flow_scale=getattr(self.net, 'flow_scale', 'legacy'))
+                            flow_scale=getattr(self.net, 'flow_scale', 'legacy'),
+                            size=s['d'].shape[-2:] if pl_size == 'input' else None)
     finally: self.net.train(was)
     self.calls['teacher'] += 1
     pred = pl.teacher.fused_main.float().argmax(1)[0].cpu()                   # (h, w) in the teacher's frame
@@ -284,7 +289,7 @@ def update(self: PseudoLabelExplorer):
         if need: self._busy(True)
         t0 = time.perf_counter()
         s = self._load(i, k)
-        t = self._cached(self._teacher, tkey, lambda: self._run_teacher(s, tkey[2], tkey[3]))
+        t = self._cached(self._teacher, tkey, lambda: self._run_teacher(s, tkey[2], tkey[3], tkey[4]))
         st = self._cached(self._student, skey, lambda: self._run_student(s, skey[2], skey[3], skey[4]))
         dt = time.perf_counter() - t0
         self._redraw(s, t, st)

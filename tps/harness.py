@@ -8,14 +8,15 @@ import argparse, hashlib, json, os, socket, sys, threading, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from .utils import atomic_write
-from .config import SMOKE_SYNTHETIC, config_to_dict, experiment_config
+from .config import config_to_dict
+from .presets import SMOKE_SYNTHETIC, experiment_config
 from .results import METHODS, METHOD_NAMES, jsonable
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'HEARTBEAT_S', 'CLAIM_STALE_S', 'HOST', 'PROVENANCE', 'Protocol', 'register_protocol', 'get_protocol',
-           'Unit', 'portable_config', 'data_dir', 'plan', 'claim_live', 'Claim', 'try_claim', 'run_unit',
-           'record_content', 'read_records', 'run_benchmark', 'estimate_seconds', 'add_arguments', 'run_from_args',
-           'main']
+__all__ = ['PROTOCOLS', 'SOUND_ITERS', 'SOUND', 'HEARTBEAT_S', 'CLAIM_STALE_S', 'HOST', 'PROVENANCE', 'Protocol',
+           'register_protocol', 'get_protocol', 'Unit', 'portable_config', 'data_dir', 'plan', 'claim_live', 'Claim',
+           'try_claim', 'run_unit', 'record_content', 'read_records', 'run_benchmark', 'estimate_seconds',
+           'add_arguments', 'run_from_args', 'main']
 
 # %% ../nbs/17_harness.ipynb #ce522f22
 @dataclass
@@ -29,6 +30,13 @@ class Protocol:
     overrides: dict = field(default_factory=dict)   # config overrides on top of the preset
     eval_frames: int | None = None              # val frames evaluated (None: all)
     about: str = ''                             # one line: what the protocol is for
+    continuous: bool = False                    # one lr schedule over warm-up + adaptation (`train.schedule_start`), not one per phase
+
+    def schedule(self, method: str | None = None) -> dict:
+        "`max_iters` and `schedule_start` of the warm-up (`method=None`) or of `method`'s run from it (`tps.experiments.method_config`)."
+        if not self.continuous: return {'max_iters': self.warmup_iters} if method is None else {}
+        total = self.warmup_iters + max(self.iters.values())
+        return {'max_iters': total} if method is None else {'max_iters': total, 'schedule_start': self.warmup_iters}
 
     @property
     def shift(self) -> float:
@@ -49,6 +57,25 @@ def _demo() -> Protocol:
                     dict(DEMO_OVERRIDES), about="the demo's protocol (README, `tps demo`) with one source-only warm-up per training seed")
 
 register_protocol(_demo, 'demo')
+
+SOUND_ITERS = 300
+"Adaptation iterations of every method under the `sound` protocols (one budget for all, the oracle included)."
+SOUND = {'eval.bn_recompute': 100, 'train.pl_size': 'score', 'train.power': 2.0}
+"What the `sound` protocol changes from the demo's overrides (nbs/experiments/sanity.ipynb says why)."
+
+def _sound(name: str = 'sound', **changes):
+    "A `sound` protocol (or a candidate: `changes` on top of `SOUND`), made when first asked for."
+    def make() -> Protocol:
+        from tps.experiments import DEMO_DATA, DEMO_ITERS, DEMO_OVERRIDES
+        return Protocol(name, 'demo', dict(DEMO_DATA), DEMO_ITERS['warmup'], {m: SOUND_ITERS for m in METHODS},
+                        {**DEMO_OVERRIDES, **SOUND, **changes}, continuous=True,
+                        about="the demo's benchmark with one lr schedule over warm-up and adaptation, one budget for every "
+                              "method, and batch norm statistics re-estimated on clean target frames before evaluation"
+                              + (f"; a candidate with {changes}" if changes else ''))
+    return register_protocol(make, name)
+
+_sound()
+_sound('sound_power0.9', **{'train.power': 0.9})     # the first candidate: the demo's poly power (the sanity check says why not)
 register_protocol(Protocol(
     'smoke', 'smoke', {**SMOKE_SYNTHETIC, 'shift': 0.6}, 2, {m: 2 for m in METHODS},
     {'data.check': 'off', 'train.log_every': 1}, about='the demo at 64x32 for 2 iterations: tests and quick checks'))
@@ -109,13 +136,13 @@ def plan(protocol='demo', methods=METHODS, seeds=range(5), draws=(0, 1), shifts=
             units.append(du)
             cfg = experiment_config(p.preset, data_dir(data_root, p, draw, s), p.overrides, device=device)
             for seed in seeds:
-                w = method_config(cfg, 'source_only', seed, p.warmup_iters, name=f'warmup_s{seed}', max_iters=p.warmup_iters)
+                w = method_config(cfg, 'source_only', seed, p.warmup_iters, name=f'warmup_s{seed}', **p.schedule())
                 ws = {'config': portable_config(w), 'data': du.key, 'eval_frames': p.eval_frames}
                 wu = Unit('warmup', 'warmup', int(seed), int(draw), s, f'warmup_s{seed}_{tag}_{_hash(ws)}', (du.key,), ws,
                           f'warm-up (seed {seed}, draw {draw}, shift {s:g})')
                 units.append(wu)
                 for m in methods:
-                    c = method_config(cfg, m, seed, p.iters[m], init='warmup')
+                    c = method_config(cfg, m, seed, p.iters[m], init='warmup', **p.schedule(m))
                     ms = {'config': portable_config(c), 'warmup': wu.key, 'eval_frames': p.eval_frames}
                     units.append(Unit('method', m, int(seed), int(draw), s, f'{m}_s{seed}_{tag}_{_hash(ms)}', (wu.key,),
                                       ms, f'{METHOD_NAMES.get(m, m)} (seed {seed}, draw {draw}, shift {s:g})'))
@@ -237,11 +264,12 @@ def run_unit(u: Unit, protocol, out, data_root, records_dir, device: str | None 
         cfg = experiment_config(p.preset, ddir, p.overrides, device=device)
         run_root = out/'runs'/f'd{u.draw}_x{u.shift:g}'
         if u.kind == 'warmup':
-            r = warmup_run(cfg, u.seed, p.warmup_iters, run_root, eval_frames=p.eval_frames)
+            r = warmup_run(cfg, u.seed, p.warmup_iters, run_root, eval_frames=p.eval_frames, **p.schedule())
         else:
             w = json.loads((Path(records_dir)/f'{u.deps[0]}.json').read_text())
             init = resolve_checkpoint(out/w['run_dir'])
-            r = run_method(cfg, u.method, u.seed, p.iters[u.method], run_root, init=str(init), eval_frames=p.eval_frames)
+            r = run_method(cfg, u.method, u.seed, p.iters[u.method], run_root, init=str(init), eval_frames=p.eval_frames,
+                           **p.schedule(u.method))
             r['init'] = str(init); r['warmup'] = u.deps[0]; r['warmup_iters'] = p.warmup_iters
         rec.update({k: v for k, v in r.items() if k != 'method'})
         rec.update(config=u.spec['config'], device=_device(cfg), torch=torch.__version__)

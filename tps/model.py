@@ -6,6 +6,7 @@
 from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple, Optional
+from contextlib import contextmanager
 import torch
 import torch.nn as nn
 from fastcore.basics import patch
@@ -13,9 +14,9 @@ from .warp import flow_warp, resize_flow, forward_splat, SPLAT_MODES
 
 # %% auto #0
 __all__ = ['ARCHS', 'PASS_ORDERS', 'FUSIONS', 'FLOW_SCALES', 'Bottleneck', 'BasicBlock', 'ClassifierModule', 'FusionOutput',
-           'score_flow', 'TPSNet', 'score_size', 'unwrap', 'build_model', 'param_groups', 'CheckpointError',
-           'read_state_dict', 'load_checkpoint', 'load_imagenet_init', 'load_torchvision_resnet', 'load_init',
-           'infer_model_kwargs']
+           'score_flow', 'TPSNet', 'score_size', 'unwrap', 'kept_running_stats', 'build_model', 'param_groups',
+           'CheckpointError', 'read_state_dict', 'load_checkpoint', 'load_imagenet_init', 'load_torchvision_resnet',
+           'load_init', 'infer_model_kwargs']
 
 # %% ../nbs/05_model.ipynb #6fe47f0a
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -227,6 +228,17 @@ def unwrap(net: nn.Module) -> nn.Module:
     "The `TPSNet` under DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."
     net = getattr(net, 'module', net)
     return getattr(net, '_orig_mod', net)
+
+# %% ../nbs/05_model.ipynb #5e5f201f
+@contextmanager
+def kept_running_stats(net: nn.Module):
+    "Inside the block, batch norm layers of `net` normalise as they would (batch statistics in train mode) but leave their running statistics and counters unchanged."
+    bns = [m for m in unwrap(net).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in bns: m.track_running_stats = False        # train mode: batch statistics, nothing written back
+    try: yield net
+    finally:
+        for m in bns: m.track_running_stats = True
+
 
 # %% ../nbs/05_model.ipynb #395c1a83
 def build_model(model_cfg) -> TPSNet:

@@ -14,6 +14,7 @@ from .teacher import pseudo_labels, ema_update, quality_weight
 from .flow import as_reference_float64
 from .metrics import pseudo_label_confusion
 from .warp import forward_splat
+from .model import kept_running_stats
 import torch.nn.functional as F
 
 # %% auto #0
@@ -50,6 +51,10 @@ class StepContext:
     def fmt(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def off_target(self):
+        "Around a pass on frames that are not clean target frames (source, augmented student): with `train.bn_stats='target'` it leaves batch norm's running statistics alone (`tps.model.kept_running_stats`)."
+        return kept_running_stats(self.net) if self.cfg.train.bn_stats == 'target' else nullcontext()
+
 # %% ../nbs/12_steps.ipynb #7ff2b5c8
 def source_loss(ctx: StepContext, src: dict, ref: torch.Tensor) -> dict:
     "Histogram-match the source pair (d, c) to `ref` (target frame d; `train.hist_match` uint8 or float), forward, CE main + lambda_aux CE aux."
@@ -57,7 +62,7 @@ def source_loss(ctx: StepContext, src: dict, ref: torch.Tensor) -> dict:
     dtype = torch.uint8 if ctx.cfg.train.hist_match == 'uint8' else torch.float32   # 'float': scikit-image's values
     frames = match_histograms(torch.cat([src['d'], src['c']]), torch.cat([ref, ref]), dtype)   # (2B, 3, Hs, Ws)
     cf, kf = ctx.inp(frames).split(B)                             # (B, 3, Hs, Ws) each
-    with ctx.autocast():
+    with ctx.autocast(), ctx.off_target():
         out = ctx.net(cf, kf, src['flow_dc'])
         return seg_loss(out.fused_main, out.fused_aux, src['label'], ctx.cfg.train.lambda_aux, ctx.cfg.train.legacy_ce)
 
@@ -82,14 +87,15 @@ def target_pseudo_labels(ctx: StepContext, tgt: dict, source: str = 'previous'):
     return pseudo_labels(teacher_of(ctx), tgt, source=source, flip=flip,
                          legacy_flip=t.legacy_flip, conf_threshold=t.conf_threshold, flow_scale=ctx.cfg.model.flow_scale,
                          autocast=ctx.autocast, channels_last=ctx.channels_last,
-                         warp_impl='legacy' if ctx.cfg.model.legacy_warp else 'auto')
+                         warp_impl='legacy' if ctx.cfg.model.legacy_warp else 'auto',
+                         size=tgt['d'].shape[-2:] if t.pl_size == 'input' else None)
 
 def student_loss(ctx: StepContext, tgt: dict, pl_main, pl_aux, weight: torch.Tensor | None = None) -> dict:
     "Strong augmentation of (d, c) with one draw, forward with flow d->c, lambda_t CE against the pseudo labels (`weight` (B,) per image)."
     t = ctx.cfg.train
     d_in, c_in, _ = strong_augment(tgt['d'], tgt['c'], generator=ctx.generator, legacy=t.legacy_aug, p_blur=t.aug_blur_p,
                                    p_jitter=t.aug_jitter_p, p_gray=t.aug_gray_p, scale=t.aug_scale)  # (B, 3, H', W')
-    with ctx.autocast():
+    with ctx.autocast(), ctx.off_target():
         out = ctx.net(ctx.fmt(d_in), ctx.fmt(c_in), tgt['flow_dc'])
         return tps_loss(out, pl_main, pl_aux, t.lambda_t, t.lambda_aux, t.legacy_ce, weight)
 

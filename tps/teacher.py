@@ -11,6 +11,7 @@ from .config import IGNORE
 from .model import FusionOutput, unwrap, score_flow, FLOW_SCALES
 from .augment import to_input, flip_pair, to_device_async
 from .warp import flow_warp
+import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['teacher_forward', 'apply_threshold', 'cross_frame_pseudo_labels', 'quality_weight', 'PseudoLabels', 'pseudo_labels',
@@ -84,8 +85,8 @@ _SOURCES = ('previous', 'current')
 @torch.no_grad()
 def pseudo_labels(net, batch: dict, source: str = 'previous', flip: torch.Tensor | None = None, legacy_flip: bool = False,
                   conf_threshold: float = 0.0, flow_scale: str = 'legacy', autocast=None,
-                  channels_last: bool = False, warp_impl: str = 'auto') -> PseudoLabels:
-    "Pseudo labels for frame d of a target `batch`: from the previous pair (b, a) warped into d (TPS), or from (d, c) (PixMatch)."
+                  channels_last: bool = False, warp_impl: str = 'auto', size=None) -> PseudoLabels:
+    "Pseudo labels for frame d of a target `batch`: from the previous pair (b, a) warped into d (TPS), or from (d, c) (PixMatch); at the score map, or at `size` (H, W) from upsampled scores."
     if source not in _SOURCES: raise ValueError(f"source={source!r}: expected one of {_SOURCES}")
     keys = ('b', 'a', 'flow_ba', 'flow_db') if source == 'previous' else ('d', 'c', 'flow_dc')
     missing = [k for k in keys if k not in batch]
@@ -102,10 +103,11 @@ def pseudo_labels(net, batch: dict, source: str = 'previous', flip: torch.Tensor
         out = teacher_forward(net, fmt(to_input(x1)), fmt(to_input(x2)), flow)
     warp = batch['flow_db'] if source == 'previous' else None                 # PixMatch: labels stay in d
     kw = dict(flipped=flipped, legacy=legacy_flip, conf_threshold=conf_threshold, flow_scale=flow_scale, warp_impl=warp_impl)
-    main, conf_main, probs = cross_frame_pseudo_labels(out.fused_main.float().softmax(1), warp, with_probs=True, **kw)
+    up = lambda s: s.float() if size is None else F.interpolate(s.float(), size=tuple(size), mode='bilinear', align_corners=True)
+    main, conf_main, probs = cross_frame_pseudo_labels(up(out.fused_main).softmax(1), warp, with_probs=True, **kw)
     aux = conf_aux = None
     if out.fused_aux is not None:
-        aux, conf_aux = cross_frame_pseudo_labels(out.fused_aux.float().softmax(1), warp, **kw)
+        aux, conf_aux = cross_frame_pseudo_labels(up(out.fused_aux).softmax(1), warp, **kw)
     return PseudoLabels(main, aux, conf_main, conf_aux, probs, flipped, out)
 
 # %% ../nbs/10_teacher.ipynb #9fc02908

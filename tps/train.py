@@ -32,6 +32,7 @@ def poly_lr(base_lr: float, it: int, max_iters: int, power: float = 0.9) -> floa
 
 def set_lr(optimizer: torch.optim.Optimizer, it: int, tcfg) -> list:
     "Set the lr of every group for iteration `it` (0-based) from a `TrainConfig` (poly decay after an optional linear warm-up); returns the group lrs."
+    it = it + getattr(tcfg, 'schedule_start', 0)                     # a continued schedule: the warm-up's iterations came first
     lr = poly_lr(tcfg.lr, it, tcfg.max_iters, tcfg.power)
     warm = getattr(tcfg, 'warmup_iters', 0)
     if warm > 0 and it < warm: lr *= (it + 1) / warm                 # linear warm-up, for training from scratch

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from ..utils import atomic_write
 from .benchmark import conv_flops
-from ..config import Config, experiment_config, apply_overrides
+from ..config import Config, apply_overrides
+from ..presets import experiment_config
 
 # %% auto #0
 __all__ = ['FP32', 'FAST', 'LEVERS', 'warmup_accuracy', 'summarise_accuracy', 'resnet_pass_flops', 'conv_flops_hooked',
