@@ -126,6 +126,11 @@ def test_benchmark_full_notebook(tmp_path, repo):
     assert [(c['a'], c['b'], c['n']) for c in comp] == [('pixmatch', 'source_only', 2)]
     assert doc['protocol']['name'] == 'smoke' and len(doc['records']) == 2 + 2 + 4 and doc['machine']['cpu'] is not None
     assert 'PixMatch - Source-only' in (res/'results.md').read_text() and (res/'forest.png').stat().st_size > 1000
+    g = doc['gpu_estimate']                      # the GPU estimate: each run's iterations at its method's per-iteration floor
+    per = {m: v['s'] for m, v in g['per_iteration'].items()}
+    assert not g['measured'] and abs(g['train_seconds'] - 2 * 2 * (per['warmup'] + per['source_only'] + per['pixmatch'])) < 1
+    assert g['per_iteration']['pixmatch']['flops'] > g['per_iteration']['source_only']['flops'] > 0
+    assert abs(g['seconds'] - g['train_seconds'] - g['eval_seconds'] - g['data_seconds_cpu']) <= 2
 
 
 def test_interrupted_data_generation_is_redone(tmp_path):

@@ -60,7 +60,7 @@ register_protocol(_demo, 'demo')
 
 SOUND_ITERS = 300
 "Adaptation iterations of every method under the `sound` protocols (one budget for all, the oracle included)."
-SOUND = {'eval.bn_recompute': 100, 'train.pl_size': 'score', 'train.power': 2.0}
+SOUND = {'eval.bn_recompute': 100, 'train.pl_size': 'score', 'train.power': 2.0, 'train.lambda_t': 0.1}
 "What the `sound` protocol changes from the demo's overrides (nbs/experiments/sanity.ipynb says why)."
 
 def _sound(name: str = 'sound', **changes):
@@ -75,7 +75,8 @@ def _sound(name: str = 'sound', **changes):
     return register_protocol(make, name)
 
 _sound()
-_sound('sound_power0.9', **{'train.power': 0.9})     # the first candidate: the demo's poly power (the sanity check says why not)
+_sound('sound_power0.9', **{'train.power': 0.9, 'train.lambda_t': 1.0})   # the first candidate: the demo's poly power and target weight
+_sound('sound_lambda1', **{'train.lambda_t': 1.0})                         # the second: the demo's target weight
 register_protocol(Protocol(
     'smoke', 'smoke', {**SMOKE_SYNTHETIC, 'shift': 0.6}, 2, {m: 2 for m in METHODS},
     {'data.check': 'off', 'train.log_every': 1}, about='the demo at 64x32 for 2 iterations: tests and quick checks'))
