@@ -76,3 +76,28 @@ def test_sanity_check_in_readme():
     s = res['split']
     assert f"{s['oracle_minus_source_only']:.2f} mIoU" in README and f"{s['statistics_share_of_source_only_loss']:.0%}" in README
     assert f"{s['pseudo_label_cost']:.2f} mIoU" in README
+
+
+@pytest.mark.parametrize('name', ['sanity_sound', 'sanity_sound_lambda1'])
+def test_sound_protocol_sanity_in_readme(name):
+    "The sound protocol's sanity tables as written, its statements, and checks (b) and (d) at shift 0 as the file has them."
+    res = _json(name)
+    text = (RESULTS/name/'sanity.md').read_text().strip()
+    assert text in README and text == res['table'].strip()
+    b = res['shift0']['tps_minus_source_only']
+    assert f"{b['mean']:+.2f} ± {b['std']:.2f}" in README and f"[{b['ci'][0]:+.2f}, {b['ci'][1]:+.2f}]" in README
+    assert ', '.join(f'{x:+.2f}' for x in res['shift0']['pl_acc_last_minus_first_quarter']) in README
+
+
+def test_full_benchmark_in_readme():
+    "README shows the full benchmark's table and says of every comparison what `tps.stats.statement` says, nothing else."
+    from tps.stats import statement
+    res = _json('benchmark_full')
+    for shift, v in res['benchmark'].items():
+        assert len(v['seeds']) >= 5 and len(v['draws']) >= 2               # the minimum: 5 seeds x 2 draws
+        for p in v['comparisons']: assert statement(p) in README, statement(p)
+    md = (RESULTS/'benchmark_full'/'results.md').read_text()
+    table = md[md.index('| method'):md.index('\n\n', md.index('| method'))].strip()
+    assert table in README
+    g = res['gpu_estimate']
+    assert not g['measured'] and f"{g['seconds'] / 60:.0f} min" in README
