@@ -33,7 +33,8 @@ def test_pages_exist(site, repo):
     cfg_page = module_notebook(tps.config)[:-len('.ipynb')] + '.html'      # nbs/NN_config.html
     assert (site / cfg_page).is_file() and (site / 'nbs' / '02_warp.html').is_file()
     api = (site / 'api' / 'tps.config.html').read_text()
-    assert 'id="get_preset"' in api and cfg_page in api                    # every export, linked to its notebook
+    assert 'id="validate"' in api and cfg_page in api                      # every export, linked to its notebook
+    assert 'id="get_preset"' in (site / 'api' / 'tps.presets.html').read_text()
     assert 'id="flow_warp"' in (site / 'api' / 'tps.warp.html').read_text()
     index = (site / 'index.html').read_text()
     assert 'notebook-first' in index and '#| hide' not in index
