@@ -248,7 +248,8 @@ def test_sanity_notebook(tmp_path, protocol):
     assert (tmp_path/'sanity.md').read_text().count('\n') == 3 + len(levers) and (tmp_path/'lr.png').stat().st_size > 0
     # check (c): under the continuous protocol every logged lr is the warm-up's schedule (4 iterations, 150-iteration
     # ramp) at its place; under the demo's the adaptation starts a schedule of its own
-    lr = lambda x: 5e-3 * poly_lr(1.0, x - 1, 4) * min(1.0, x / 150)
+    power = get_protocol(protocol).overrides.get('train.power', 0.9)
+    lr = lambda x: 5e-3 * poly_lr(1.0, x - 1, 4, power) * min(1.0, x / 150)
     pts = res['lr']['warm-up'] + res['lr']['tps']
     assert len(res['lr']['tps']) == 2 and all(abs(v - lr(x)) < 1e-9 for x, v in pts) == (protocol == 'sound'), pts
     if protocol == 'sound':                                        # checks (b) and (d) at shift 0, through the harness
