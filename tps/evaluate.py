@@ -17,7 +17,7 @@ from .augment import to_input, match_histograms
 from .metrics import confusion_matrix, per_class_iou, mean_iou
 from .data.build import build_source, build_target, setting_of
 from .runs import list_checkpoints, load_model, checkpoint_iter
-from .model import unwrap
+from .model import unwrap, bn_layers
 from .viz import colorize
 
 # %% auto #0
@@ -73,7 +73,7 @@ def recompute_bn_stats(cfg: Config, net: torch.nn.Module, n: int, device=None) -
     "A copy of `net` (in eval mode) whose batch norm running statistics are the average over `n` clean target-train frame pairs (d, c), held-out frames excluded; no labels read, no weight changed."
     device = device or resolve_device(cfg.train.device)
     net = copy.deepcopy(unwrap(net)).to(device)
-    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bns = bn_layers(net)
     ds = build_target(cfg, 'train', teacher=False, eval_sizes=True)
     held = set(holdout_indices(len(ds), cfg.eval.holdout)) if cfg.eval.holdout else set()
     pool = [i for i in range(len(ds)) if i not in held]

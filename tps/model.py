@@ -14,9 +14,9 @@ from .warp import flow_warp, resize_flow, forward_splat, SPLAT_MODES
 
 # %% auto #0
 __all__ = ['ARCHS', 'PASS_ORDERS', 'FUSIONS', 'FLOW_SCALES', 'Bottleneck', 'BasicBlock', 'ClassifierModule', 'FusionOutput',
-           'score_flow', 'TPSNet', 'score_size', 'unwrap', 'kept_running_stats', 'build_model', 'param_groups',
-           'CheckpointError', 'read_state_dict', 'load_checkpoint', 'load_imagenet_init', 'load_torchvision_resnet',
-           'load_init', 'infer_model_kwargs']
+           'score_flow', 'TPSNet', 'score_size', 'unwrap', 'bn_layers', 'kept_running_stats', 'build_model',
+           'param_groups', 'CheckpointError', 'read_state_dict', 'load_checkpoint', 'load_imagenet_init',
+           'load_torchvision_resnet', 'load_init', 'infer_model_kwargs']
 
 # %% ../nbs/05_model.ipynb #6fe47f0a
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -230,10 +230,14 @@ def unwrap(net: nn.Module) -> nn.Module:
     return getattr(net, '_orig_mod', net)
 
 # %% ../nbs/05_model.ipynb #5e5f201f
+def bn_layers(net: nn.Module) -> list:
+    "Every batch norm layer of `net` (under DDP / compile wrappers)."
+    return [m for m in unwrap(net).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
 @contextmanager
 def kept_running_stats(net: nn.Module):
     "Inside the block, batch norm layers of `net` normalise as they would (batch statistics in train mode) but leave their running statistics and counters unchanged."
-    bns = [m for m in unwrap(net).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [m for m in bn_layers(net) if m.track_running_stats]
     for m in bns: m.track_running_stats = False        # train mode: batch statistics, nothing written back
     try: yield net
     finally:

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 from typing import NamedTuple, Optional
 import torch
 from .config import IGNORE
-from .model import FusionOutput, unwrap, score_flow, FLOW_SCALES
+from .model import FusionOutput, unwrap, score_flow, FLOW_SCALES, bn_layers
 from .augment import to_input, flip_pair, to_device_async
 from .warp import flow_warp
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ __all__ = ['teacher_forward', 'apply_threshold', 'cross_frame_pseudo_labels', 'q
 # %% ../nbs/10_teacher.ipynb #285e793f
 def _bn_batch_stats(net) -> bool:
     "Whether any BN layer of `net` normalises with batch statistics (train mode)."
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in unwrap(net).modules())
+    return any(m.training for m in bn_layers(net))
 
 @torch.no_grad()
 def teacher_forward(net, x1: torch.Tensor, x2: torch.Tensor, flow: torch.Tensor) -> FusionOutput:
