@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+# Every temporary file of the run (notebook tests' scratch folders, pytest's tmp_path) lives in one folder
+# that is removed at the end, pass or fail: repeated runs do not fill the disk.
+TPS_TEST_TMP="$(mktemp -d "${TMPDIR:-/tmp}/tps-tests-XXXXXX")"
+trap 'rm -rf "$TPS_TEST_TMP"' EXIT
+export TMPDIR="$TPS_TEST_TMP"
 
 # System packages the browser tests need (Debian's chromium; Playwright's own download does not work offline).
 if ! command -v chromium >/dev/null 2>&1; then

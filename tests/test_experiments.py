@@ -178,17 +178,28 @@ def test_calibration_notebook(tmp_path):
 
 @pytest.mark.slow   # papermill experiment runs
 def test_gap_sweep_notebook(tmp_path):
+    "The sweep through the harness (smoke protocol, 2 shifts x 2 seeds): per-shift paired differences, PL accuracy, table, figure."
+    import numpy as np
+    from tps.harness import data_dir, read_records
+    from tps.stats import t_interval
+    out, res_dir = tmp_path/'out', tmp_path/'results'
     run_notebook(NB/'gap_sweep.ipynb', tmp_path/'gap_sweep.ipynb', stream=False, parameters=dict(
-        SHIFTS=[0.0, 1.0], METHODS=['source_only', 'tps'], SEEDS=[0], DATA=TINY_GEN, OVERRIDES=TINY, ITERS=TINY_ITERS,
-        DATA_DIR=str(tmp_path/'data'), DEVICE='cpu', OUT_ROOT=str(tmp_path)))
-    res = json.loads((tmp_path/'results.json').read_text())
-    assert set(res['per_shift']) == {'0', '1'}
+        PROTOCOL='smoke', SHIFTS=[0.0, 1.0], METHODS=['source_only', 'tps'], SEEDS=2, DRAWS=[0], OUT=str(out),
+        RESULTS_DIR=str(res_dir), DEVICE='cpu', POLL=0.1))
+    res = json.loads((res_dir/'results.json').read_text())
+    assert set(res['per_shift']) == {'0', '1'} and res['protocol']['name'] == 'smoke'
+    assert len(read_records(out)) == 2 * (1 + 2 * 3)                  # per shift: the draw, per seed a warm-up and two methods
     for sh, v in res['per_shift'].items():
-        recs = [r for r in res['records'] if r['shift'] == float(sh) and r['method'] == 'tps']
-        assert v['miou']['tps']['values'] == [r['result']['miou'] for r in recs]
+        recs = {(r['method'], r['seed']): r['result']['miou'] for r in res['records'] if r['shift'] == float(sh)}
+        d = np.array([recs['tps', s] - recs['source_only', s] for s in (0, 1)])
+        p = v['tps_minus_source_only']                                 # paired by seed, t interval computed here again
+        assert p['n'] == 2 and abs(p['mean'] - d.mean()) < 0.01
+        assert np.allclose(p['ci'], t_interval(d), atol=0.01)
+        assert v['miou']['tps']['mean'] == pytest.approx(np.mean([recs['tps', s] for s in (0, 1)]), abs=0.01)
         assert v['tps_pl_accuracy']['end']['mean'] is not None
-    assert json.loads((tmp_path/'data'/'shift_0'/'synthetic.json').read_text())['shift'] == 0.0
-    assert (tmp_path/'figures'/'gap_sweep.png').is_file()
+        assert json.loads((data_dir(out/'data', 'smoke', 0, float(sh))/'synthetic.json').read_text())['shift'] == float(sh)
+    assert (res_dir/'gap_sweep.md').read_text() == res['table'] and res['table'].count('\n') == 4
+    assert (res_dir/'gap_sweep.png').stat().st_size > 1000 and (res_dir/'forest.png').is_file()
 
 
 @pytest.mark.slow   # papermill experiment runs
