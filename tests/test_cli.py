@@ -256,21 +256,29 @@ def test_config_diff_prints_what_a_preset_changes():
 
 @pytest.mark.slow   # papermill demo
 def test_demo_command_runs_the_papermill_demo(monkeypatch):
-    "`tps demo` hands its options to tps.experiments.run_demo (the main job, through papermill)."
+    "`tps demo` hands its options to tps.experiments.run_demo (the main job, through papermill), the protocol's among them."
     import tps.experiments, tps.cli
+    from tps.harness import get_protocol
     seen = {}
     monkeypatch.delenv('TPS_SMOKE', raising=False)
     monkeypatch.setattr(tps.experiments, 'run_demo', lambda **kw: seen.update(kw) or {})
     assert tps.cli.main(['demo', '--out', 'o', '--data', 'd', '--seeds', '4', '5', '--device', 'cpu', 'train.log_every=5',
                          '--figures', 'f', '--results', 'r']) == 0
     assert seen['out'] == 'o' and seen['data'] == 'd' and seen['seeds'] == (4, 5) and seen['device'] == 'cpu'
-    assert seen['overrides'] == {'train.log_every': '5'} and seen['iters'] is None
+    sound = get_protocol('sound')                        # the default protocol: its iterations, overrides and one lr schedule
+    assert seen['overrides'] == {**sound.overrides, 'train.log_every': '5'} and seen['continuous'] is True
+    assert seen['iters'] == {'warmup': sound.warmup_iters, **sound.iters}
     assert seen['figures'] == 'f' and seen['results'] == 'r' and seen['make_data'] is None
     assert seen['methods'] == ('source_only', 'davsn', 'pixmatch', 'tps', 'oracle')    # every row by default
     assert tps.cli.main(['demo', '--methods', 'source_only', 'tps', 'oracle']) == 0
     assert seen['methods'] == ('source_only', 'tps', 'oracle')
     assert tps.cli.main(['demo', '--methods', 'dann']) == 2 and seen['methods'] == ('source_only', 'tps', 'oracle')
     assert tps.cli.main(['demo', 'train.nope=1']) == 2  # a bad override: one-line error, exit 2
+    assert tps.cli.main(['demo', '--protocol', 'demo']) == 0          # the 60-iteration protocol it replaced
+    demo = get_protocol('demo')
+    assert seen['continuous'] is False and seen['iters'] == {'warmup': demo.warmup_iters, **demo.iters} and seen['iters']['tps'] == 60
+    assert tps.cli.main(['demo', '--protocol', 'smoke']) == 2         # another benchmark's protocol: refused
+    assert tps.cli.main(['demo', '--protocol', 'nope']) == 2
     monkeypatch.setenv('TPS_SMOKE', '1')                # smoke size: 64x32, one seed, one iteration, the CPU
     seen.clear()
     assert tps.cli.main(['demo']) == 0

@@ -273,3 +273,27 @@ def test_sanity_notebook(tmp_path, protocol):
         assert sorted(s0['pl_acc_curves']) == ['0', '1'] and all(len(c) == 2 for c in s0['pl_acc_curves'].values())
         assert (tmp_path/'pl_shift0.png').stat().st_size > 0
     else: assert res['shift0'] == {}
+
+
+def test_run_methods_continuous_schedule(smoke_config, tmp_path):
+    "continuous=True: the warm-up's poly schedule spans warm-up + adaptation and each method goes on with it (every logged lr is that one schedule's)."
+    from tps.config import ConfigError
+    from tps.experiments import run_methods
+    from tps.results import read_metrics
+    from tps.runs import run_config
+    from tps.train import poly_lr
+    cfg = smoke_config('source_only', log_every=1, warmup_iters=0, power=2.0)
+    recs = run_methods(cfg, ['source_only', 'tps'], [0], {'warmup': 3, 'source_only': 2, 'tps': 2}, out_root=tmp_path/'r',
+                       log=_quiet, continuous=True)
+    by = {r['method']: r for r in recs}
+    assert run_config(by['warmup']['run_dir']).train.max_iters == 5
+    start = {'warmup': 0, 'source_only': 3, 'tps': 3}
+    for m, r in by.items():
+        c = run_config(r['run_dir']).train
+        assert (c.max_iters, c.schedule_start) == (5, start[m])
+        lrs = [(row['iter'], row['lr']['backbone']) for row in read_metrics(r['run_dir']) if 'lr' in row]
+        assert len(lrs) == (3 if m == 'warmup' else 2)
+        for it, v in lrs: assert v == pytest.approx(poly_lr(cfg.train.lr, start[m] + it - 1, 5, 2.0), rel=1e-9), (m, it)
+    assert by['tps']['init'] and by['tps']['init'] == by['source_only']['init']
+    with pytest.raises(ConfigError, match='needs warmup_iters'):
+        run_methods(cfg, ['tps'], [0], 2, out_root=tmp_path/'r', log=_quiet, continuous=True)

@@ -11,7 +11,7 @@ from . import presets as P
 from .config import METHODS
 
 # %% auto #0
-__all__ = ['config_keys', 'main']
+__all__ = ['DEMO_PROTOCOL', 'config_keys', 'demo_protocol', 'main']
 
 # %% ../nbs/19_cli.ipynb #fb94e4ea
 def config_keys() -> list:
@@ -95,12 +95,17 @@ def _parser(argv=()) -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/19_cli.ipynb #605ec8bf
+DEMO_PROTOCOL = 'sound'
+"The protocol `tps demo` runs unless `--protocol` says otherwise (`tps.harness.PROTOCOLS`)."
+
 def _demo_args(d: argparse.ArgumentParser):
     "The options of `tps demo`."
     d.add_argument('--out', default='runs/demo', help='runs, executed notebooks, results and figures go here')
     d.add_argument('--data', default=None, help='synthetic benchmark folder (written if missing; default data/synthetic, or data/synthetic_seed<N>)')
     d.add_argument('--data-seed', type=int, default=0, help='generation seed of the synthetic benchmark (default 0)')
-    d.add_argument('--iters', type=int, default=None, help='iterations per method after the warm-up (default: tps.experiments.DEMO_ITERS)')
+    d.add_argument('--protocol', default=DEMO_PROTOCOL, help=f"a protocol of tps.harness on the demo's benchmark: its warm-up and "
+                   f"adaptation iterations, overrides and lr schedule (default {DEMO_PROTOCOL}; 'demo': the 60-iteration one it replaced)")
+    d.add_argument('--iters', type=int, default=None, help="iterations per method after the warm-up (default: the protocol's)")
     d.add_argument('--seeds', type=int, nargs='+', default=None, help='training seeds (default 0 1 2)')
     d.add_argument('--methods', nargs='+', default=None, choices=list(METHODS), metavar='METHOD',
                    help=f"rows of the table (default: all of {' '.join(METHODS)})")
@@ -228,6 +233,16 @@ def _smoke_demo(a, ov: dict):
     print(f"tps demo: TPS_SMOKE=1: smoke size ({smoke.data.target_size[0]}x{smoke.data.target_size[1]} frames, "
           f"seeds {list(a.seeds)}, {a.iters} iteration(s) per method after a 1-iteration warm-up, {a.device})", file=sys.stderr)
 
+def demo_protocol(name: str):
+    "The `tps.harness` protocol `name`, checked to run on the demo's benchmark (the `demo` preset and generator)."
+    from tps.harness import get_protocol
+    from tps.experiments import DEMO_DATA
+    p = get_protocol(name)
+    if p.preset != 'demo' or p.data != DEMO_DATA:
+        raise C.ConfigError(f"--protocol {name}: runs on the {p.preset!r} preset and its own benchmark; `tps demo` takes a "
+                            f"protocol on the demo's benchmark (the demo preset and tps.experiments.DEMO_DATA), e.g. sound or demo")
+    return p
+
 def _cmd_demo(a) -> int:
     "`tps demo`: the main job through papermill (`tps.experiments.run_demo`), or with `--quick` its small path."
     ov = C.parse_overrides(a.overrides)
@@ -241,11 +256,12 @@ def _cmd_demo(a) -> int:
                      device=a.device, overrides=ov, make_data=make_data, quick=True)
         print(r['table'], end='')
         return 0
+    p = demo_protocol(a.protocol)
     try:
-        run_demo(out=a.out, data=data, data_seed=a.data_seed, iters=a.iters, seeds=tuple(a.seeds or DEMO_SEEDS),
-                 methods=tuple(a.methods or METHODS),
-                 device=a.device, overrides=ov, figures=a.figures, results=a.results, make_data=make_data,
-                 warmup_iters=getattr(a, 'warmup_iters', None))  # prints the table and where things are
+        run_demo(out=a.out, data=data, data_seed=a.data_seed, iters=a.iters or {'warmup': p.warmup_iters, **p.iters},
+                 seeds=tuple(a.seeds or DEMO_SEEDS), methods=tuple(a.methods or METHODS), device=a.device,
+                 overrides={**p.overrides, **ov}, figures=a.figures, results=a.results, make_data=make_data,
+                 warmup_iters=getattr(a, 'warmup_iters', None), continuous=p.continuous)  # prints the table and where things are
     except FileExistsError as e:
         if 'synthetic benchmark' not in str(e): raise
         raise FileExistsError(f"{data} holds a synthetic benchmark made with other options than the demo's (e.g. by "

@@ -193,8 +193,8 @@ def _trained(r: dict) -> str:
 
 def run_methods(cfg: Config, methods=METHODS, seeds=(0,), iters=None, warmup_iters: int = 0, out_root='runs/adapt',
                 eval_frames: int | None = None, progress_every: float = 0, log=print, reuse: bool = True,
-                warmup_seed: int | None = None) -> list:
-    "Train and evaluate every method for every seed (optionally after a source-only warm-up, per seed or shared: `warmup_seed`); one record each; finished identical runs are reused."
+                warmup_seed: int | None = None, continuous: bool = False) -> list:
+    "Train and evaluate every method for every seed (optionally after a source-only warm-up, per seed or shared: `warmup_seed`; `continuous`: one lr schedule over warm-up and adaptation); one record each; finished identical runs are reused."
     unknown = [m for m in methods if m not in METHODS]
     if unknown: raise ConfigError(f"unknown method(s) {unknown}; expected some of {list(METHODS)}")
     if not methods: raise ConfigError("no methods to run")
@@ -202,6 +202,8 @@ def run_methods(cfg: Config, methods=METHODS, seeds=(0,), iters=None, warmup_ite
     out_root = Path(out_root)
     n_warm = (1 if warmup_seed is not None else len(seeds)) if warmup_iters else 0
     n_runs, k, records, shared = len(seeds) * len(methods) + n_warm, 0, [], None
+    total = warmup_iters + max(_iters_for(iters, m, cfg.train.iters) for m in methods) if continuous and warmup_iters else None
+    if continuous and not warmup_iters: raise ConfigError("continuous=True continues a warm-up's schedule: needs warmup_iters > 0")
     t_all = time.perf_counter()
     for seed in seeds:
         init = ''
@@ -210,7 +212,7 @@ def run_methods(cfg: Config, methods=METHODS, seeds=(0,), iters=None, warmup_ite
             ws = seed if warmup_seed is None else int(warmup_seed)
             log(f"[{k}/{n_runs}] " + (f"seed {seed}: source-only warm-up" if warmup_seed is None else
                 f"source-only warm-up (seed {ws}, shared by every seed)") + f", {warmup_iters} iterations", flush=True)
-            w = warmup_run(cfg, ws, warmup_iters, out_root, eval_frames, progress_every, reuse)
+            w = warmup_run(cfg, ws, warmup_iters, out_root, eval_frames, progress_every, reuse, max_iters=total)
             records.append(w)
             log(f"      mIoU {w['result']['miou']:.2f}  ({_trained(w)}, "
                 f"{time.perf_counter() - t_all:.0f} s so far)", flush=True)
@@ -222,7 +224,7 @@ def run_methods(cfg: Config, methods=METHODS, seeds=(0,), iters=None, warmup_ite
             log(f"[{k}/{n_runs}] seed {seed}: {METHOD_NAMES[m]}, {n} iterations" +
                 (' from the warm-up checkpoint' if init else ''), flush=True)
             r = run_method(cfg, m, seed, n, out_root, init=init, eval_frames=eval_frames, progress_every=progress_every,
-                           reuse=reuse)
+                           reuse=reuse, **({'max_iters': total, 'schedule_start': warmup_iters} if total else {}))
             r['warmup_iters'] = int(warmup_iters)
             records.append(r)
             log(f"      mIoU {r['result']['miou']:.2f}  ({_trained(r)}, "
@@ -271,8 +273,9 @@ def _quick_demo(out, data, iters: int, methods, seeds, device, overrides, progre
 # %% ../nbs/17_experiments.ipynb #9e1e9573
 def run_demo(out='runs/demo', data=None, data_seed: int = 0, seeds=DEMO_SEEDS, methods=METHODS, iters=None,
              warmup_iters: int | None = None, device: str = 'auto', overrides: dict | None = None, figures=None,
-             results=None, notebooks=None, progress: bool = True, make_data: dict | None = None, quick: bool = False) -> dict:
-    "Synthetic benchmark (if missing) -> adapt.ipynb -> qualitative.ipynb through papermill, everything under `out`; prints and returns the results (`quick`: `_quick_demo`)."
+             results=None, notebooks=None, progress: bool = True, make_data: dict | None = None, quick: bool = False,
+             continuous: bool = False) -> dict:
+    "Synthetic benchmark (if missing) -> adapt.ipynb -> qualitative.ipynb through papermill, everything under `out`; prints and returns the results (`quick`: `_quick_demo`; `continuous`: one lr schedule over warm-up and adaptation)."
     if quick: return _quick_demo(out, data if data is not None else demo_data_dir(data_seed), 60 if iters is None else iters,
                                  methods, seeds, device, overrides, progress, make_data)
     t0 = time.perf_counter()
@@ -298,7 +301,7 @@ def run_demo(out='runs/demo', data=None, data_seed: int = 0, seeds=DEMO_SEEDS, m
     say(f"== adapt.ipynb: {', '.join(methods)} x seeds {list(seeds)} -> {out}", flush=True)
     run_notebook(nbs/'adapt.ipynb', out/'adapt.ipynb', stream=progress, parameters=dict(
         PRESET='demo', DATA_ROOT=str(data), METHODS=list(methods), SEEDS=list(seeds), ITERS=its,
-        WARMUP_ITERS=its['warmup'], WARMUP_SEED=DEMO_WARMUP_SEED, DEVICE=device, OVERRIDES=ov, OUT_ROOT=str(out), RESULTS_DIR=str(res_dir),
+        WARMUP_ITERS=its['warmup'], WARMUP_SEED=DEMO_WARMUP_SEED, CONTINUOUS=bool(continuous), DEVICE=device, OVERRIDES=ov, OUT_ROOT=str(out), RESULTS_DIR=str(res_dir),
         FIG_DIR=str(fig_dir), FIG_PREFIX='demo_', PROGRESS_EVERY=30 if progress else 0,
         DATA_INFO={'data_seed': int(data_seed), 'generator': {k: v for k, v in s.items() if k not in ('out', 'cached', 'seconds')}}))
     say(f"== qualitative.ipynb -> {fig_dir}", flush=True)
