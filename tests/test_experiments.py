@@ -297,3 +297,27 @@ def test_run_methods_continuous_schedule(smoke_config, tmp_path):
     assert by['tps']['init'] and by['tps']['init'] == by['source_only']['init']
     with pytest.raises(ConfigError, match='needs warmup_iters'):
         run_methods(cfg, ['tps'], [0], 2, out_root=tmp_path/'r', log=_quiet, continuous=True)
+
+
+@pytest.mark.slow   # papermill experiment runs
+def test_curves_notebook(tmp_path):
+    "Held-out curves: one point per kept checkpoint (the warm-up's first), each the held-out score of that checkpoint; the plateau verdict from the last quarter."
+    from tps.evaluate import evaluate
+    from tps.runs import run_config
+    run_notebook(NB/'curves.ipynb', tmp_path/'curves.ipynb', stream=False, parameters=dict(
+        PROTOCOL='sound', METHODS=['source_only', 'tps'], SEEDS=[0], HOLDOUT=1, EVERY=2, DATA=TINY_GEN,
+        DATA_DIR=str(tmp_path/'data'), OVERRIDES={**TINY, 'eval.bn_recompute': 2}, ITERS={'warmup': 2, 'adapt': 8},
+        DEVICE='cpu', OUT_ROOT=str(tmp_path)))
+    res = json.loads((tmp_path/'results.json').read_text())
+    for r in res['records']:
+        assert [i for i, _ in r['curve']] == [0, 2, 4, 6, 8]
+        c = run_config(r['run_dir'])
+        assert (c.train.max_iters, c.train.schedule_start) == (10, 2)              # the protocol's one schedule
+        last = evaluate(c, Path(r['run_dir'])/'checkpoints'/'iter_0000008.pth', split='holdout', progress=False)['miou']
+        assert r['curve'][-1][1] == pytest.approx(last, abs=0.01)
+        assert r['curve'][0][1] == pytest.approx(res['warmup']['held_out'], abs=1e-9)
+        tail = [v for i, v in r['curve'] if i >= 6]                                   # the last quarter of 8: 6 and 8
+        dev = max(abs(v - sum(tail) / len(tail)) for v in tail)
+        v = res['plateau'][r['method']]
+        assert v['max_deviation'] == pytest.approx(dev, abs=0.01) and v['holds'] == (dev <= 1.0)
+    assert (tmp_path/'curves.png').stat().st_size > 1000 and (tmp_path/'curves.md').read_text() == res['table']
