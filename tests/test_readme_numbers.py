@@ -24,15 +24,34 @@ def test_tables_in_readme_are_the_results_files(name, table):
     assert text == _json(name)['table'].strip()                       # the .md file is the notebook's own table
 
 
-@pytest.mark.parametrize('name', ['demo', 'demo_seeds_3_4', 'demo_data_5'])
-def test_paired_differences_in_readme(name):
-    lines = format_differences(_json(name)['comparison'])
-    assert lines and all(l in README for l in lines), f"README's paired differences differ from results/{name}/results.json"
+def test_paired_differences_in_readme():
+    lines = format_differences(_json('demo')['comparison'])
+    assert lines and all(l in README for l in lines), "README's paired differences differ from results/demo/results.json"
 
 
-def test_demo_records_its_seeds_and_data_seed():
-    assert _json('demo')['seeds'] == [0, 1, 2] and _json('demo')['data']['data_seed'] == 0
-    assert _json('demo_seeds_3_4')['seeds'] == [3, 4] and _json('demo_data_5')['data']['data_seed'] == 5
+def test_demo_records_its_seeds_protocol_and_data_seed():
+    "The committed demo is `tps demo` as it runs now: its seeds, the first draw, the `sound` protocol's iterations and one lr schedule."
+    from tps.experiments import DEMO_SEEDS
+    from tps.harness import get_protocol
+    res, sound = _json('demo'), get_protocol('sound')
+    assert res['seeds'] == list(DEMO_SEEDS) and res['data']['data_seed'] == 0
+    assert res['parameters']['CONTINUOUS'] is True and res['parameters']['ITERS'] == {'warmup': sound.warmup_iters, **sound.iters}
+    assert _json('demo_60it')['seeds'] == [0, 1, 2] and _json('demo_60it')['parameters']['ITERS']['tps'] == 60
+
+
+def _row_means(name: str) -> list:
+    "The mean mIoU of each method of a demo's results (and the std when there are several seeds), as README's before/after table writes them."
+    ms = _json(name)['summary']['methods']
+    f = lambda v: f"{v['mean']:.2f} ± {v['std']:.2f}" if len(v['values']) > 1 else f"{v['mean']:.2f}"
+    return [f(ms[m]['miou']) for m in ('source_only', 'davsn', 'pixmatch', 'tps', 'oracle')]
+
+
+def test_demo_before_and_after_in_readme():
+    "README's before/after rows are the 60-iteration demo's and the sound demo's results files."
+    for name in ('demo_60it', 'demo'):
+        d = _json(name)['comparison']['tps - source_only']
+        row = ' | '.join(_row_means(name)) + f" | {d['mean']:+.2f} ({d['wins']}/{d['seeds']}) |"
+        assert row in README, (name, row)
 
 
 def test_ablation_checks_in_readme():
@@ -40,6 +59,9 @@ def test_ablation_checks_in_readme():
     from tps.stats import statement
     res = _json('ablation')
     for tag, v in res['check'].items():
+        if 'statement' not in v:          # written before the ablation took a protocol (the 60-iteration one): per-seed lines
+            for l in format_differences(v['differences']): assert l in README, (tag, l)
+            continue
         assert v['statement'] in README, (tag, v['statement'])
         if v['difference']: assert v['statement'] == statement(v['difference'], names={res['chosen']: f"TPS {res['chosen']}"})
 

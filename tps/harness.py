@@ -120,7 +120,7 @@ def data_dir(root, protocol, draw: int, shift: float) -> Path:
     "The folder of one benchmark draw: `root/<protocol's preset>_seed<draw>_shift<shift>` (as `tps.experiments.demo_data_dir` names draws)."
     return Path(root)/f'{get_protocol(protocol).preset}_seed{int(draw)}_shift{float(shift):g}'
 
-def plan(protocol='demo', methods=METHODS, seeds=range(5), draws=(0, 1), shifts=None, data_root='data',
+def plan(protocol='sound', methods=METHODS, seeds=range(5), draws=(0, 1), shifts=None, data_root='data',
          device: str | None = None) -> list:
     "Every unit of the benchmark, in run order."
     from tps.experiments import method_config
@@ -302,7 +302,7 @@ def _eta(units, done: set, records: dict) -> float:
     return sum(mean(secs.get(u.method) or every) for u in units if u.key not in done) if every else float('nan')
 
 # %% ../nbs/17_harness.ipynb #b5709e79
-def run_benchmark(protocol='demo', methods=METHODS, seeds=range(5), draws=(0, 1), shifts=None, out='runs/benchmark',
+def run_benchmark(protocol='sound', methods=METHODS, seeds=range(5), draws=(0, 1), shifts=None, out='runs/benchmark',
                   data_root=None, device: str | None = None, poll: float = 5.0, stale_after: float = CLAIM_STALE_S,
                   heartbeat: float = HEARTBEAT_S, log=print) -> list:
     "Run every unit of the benchmark that has no record in `out/records` yet (see above); returns every record."
@@ -349,14 +349,14 @@ def run_benchmark(protocol='demo', methods=METHODS, seeds=range(5), draws=(0, 1)
     return [json.loads((rec_dir/f'{u.key}.json').read_text()) for u in units]
 
 # %% ../nbs/17_harness.ipynb #4c889b10
-def estimate_seconds(unit_seconds: dict, protocol='demo', methods=METHODS, seeds=range(5), draws=(0, 1), shifts=None) -> float:
+def estimate_seconds(unit_seconds: dict, protocol='sound', methods=METHODS, seeds=range(5), draws=(0, 1), shifts=None) -> float:
     "Seconds the benchmark takes given `unit_seconds` `{'data': s, 'warmup': s, method: s, ...}` per unit."
     return float(sum(unit_seconds[u.method] for u in plan(protocol, methods, seeds, draws, shifts, data_root='data')))
 
 # %% ../nbs/17_harness.ipynb #43040321
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "The options of `tps benchmark` on parser `p`."
-    p.add_argument('--protocol', default='demo', help=f"named protocol (default demo; one of {', '.join(sorted(PROTOCOLS))})")
+    p.add_argument('--protocol', default='sound', help=f"named protocol (default sound; one of {', '.join(sorted(PROTOCOLS))})")
     p.add_argument('--methods', nargs='+', default=list(METHODS), metavar='M', help=f"rows (default all: {' '.join(METHODS)})")
     p.add_argument('--seeds', type=int, default=5, metavar='N', help='training seeds 0..N-1 (default 5)')
     p.add_argument('--data-seeds', type=int, nargs='+', default=[0, 1], metavar='S', help='benchmark draws: generation seeds (default 0 1)')
