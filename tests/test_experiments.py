@@ -241,9 +241,16 @@ def test_sanity_notebook(tmp_path, protocol):
     run_notebook(NB/'sanity.ipynb', tmp_path/'sanity.ipynb', stream=False, parameters=dict(
         PROTOCOL=protocol, SEEDS=[0, 1], HOLDOUT=1, BN_FRAMES=2, LEVERS=levers, DATA=TINY_GEN, DATA_DIR=str(tmp_path/'data'),
         OVERRIDES=TINY, ITERS={'warmup': 2, 'oracle': 2, 'adapt': 2}, DEVICE='cpu', OUT_ROOT=str(tmp_path),
-        SHIFT0_SEEDS=[0, 1] if protocol == 'sound' else []))
+        SHIFT0_SEEDS=[0, 1] if protocol == 'sound' else [],
+        ORACLE_OVERRIDES={'train.oracle_source': True} if protocol == 'sound' else {}))
     res = json.loads((tmp_path/'results.json').read_text())
     recs = res['records']
+    from tps.results import read_metrics
+    from tps.runs import run_config
+    for r in recs:                                                 # sound: a joint oracle, trained on the source labels too
+        if r['method'] == 'oracle':
+            assert run_config(r['run_dir']).train.oracle_source == (protocol == 'sound')
+            assert any('src' in m for m in read_metrics(r['run_dir'])) == (protocol == 'sound')
     assert {r['method'] for r in recs} == {'oracle', *levers} and len(recs) == 2 * (1 + len(levers))
     used = 'bn_recomputed' if get_protocol(protocol).overrides.get('eval.bn_recompute') else 'as_trained'
     assert all(r['result']['miou'] == r['result'][used] for r in recs)   # the check uses the protocol's evaluation

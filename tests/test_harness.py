@@ -143,3 +143,17 @@ def test_interrupted_data_generation_is_redone(tmp_path):
     recs = run_benchmark('smoke', ['source_only'], [0], [0], out=out, log=lambda *a, **k: None)
     assert [r['kind'] for r in recs] == ['data', 'warmup', 'method'] and (partial/'synthetic.json').exists()
     assert not (partial/'viper'/'train'/'junk.jpg').exists() and recs[2]['result']['miou'] >= 0
+
+
+def test_unit_keys_of_the_committed_benchmark_are_reproduced():
+    "A key added to the config later (`LATER_KEYS`) at its default leaves every unit key as it was: the plan of the committed full benchmark names its records."
+    from tps.harness import plan, portable_config, LATER_KEYS
+    from tps.presets import get_preset
+    doc = json.loads((Path(__file__).resolve().parents[1]/'results'/'benchmark_full'/'results.json').read_text())
+    committed = {r['key'] for r in doc['records']}
+    keys = {u.key for u in plan('sound', seeds=range(5), draws=(0, 1), shifts=[0.6], data_root='/anywhere')}
+    assert committed and committed == keys
+    c = get_preset('smoke')
+    assert not set(LATER_KEYS) & {f'{s}.{k}' for s, v in portable_config(c).items() if isinstance(v, dict) for k in v}
+    c.train.oracle_source = True                         # set, it is part of the key
+    assert portable_config(c)['train']['oracle_source'] is True

@@ -80,6 +80,7 @@ class TrainConfig:
     warmup_iters: int = 0                      # linear learning-rate warm-up over the first iterations (0: none, published)
     schedule_start: int = 0                    # the lr schedule's iteration at this run's first one: > 0 continues a schedule (the adaptation after its warm-up)
     lambda_t: float = 1.0                      # weight of the target (pseudo-label) loss
+    oracle_source: bool = False                # the oracle also trains on the labelled source (a joint oracle; sanity check (a))
     lambda_aux: float = 0.1                    # weight of the auxiliary head's loss
     flip_p: float = 0.5                        # probability of flipping the teacher pair (b, a)
     conf_threshold: float = 0.0                # pseudo labels below this confidence are ignored (0 = none, published)

@@ -78,7 +78,7 @@ ABLATION_VARIANTS = {
 # %% ../nbs/17_experiments.ipynb #7a895f1b
 def check_data(cfg: Config, methods=METHODS, split: str | None = None, decode: bool = True) -> dict:
     "Build the datasets `methods` need and decode their files once (`tps.data.build.check_datasets`); a `DatasetError` names every bad file. Their sizes."
-    ds = {} if all(m == 'oracle' for m in methods) else {'source': build_source(cfg)}
+    ds = {} if all(m == 'oracle' for m in methods) and not cfg.train.oracle_source else {'source': build_source(cfg)}
     ds['target_train'] = build_target(cfg, 'train')
     split = split or cfg.eval.split
     ds[f'target_{split}'] = build_target(cfg, split, teacher=False)

@@ -13,7 +13,7 @@ from .presets import SMOKE_SYNTHETIC, experiment_config
 from .results import METHODS, METHOD_NAMES, jsonable
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'SOUND_ITERS', 'SOUND', 'HEARTBEAT_S', 'CLAIM_STALE_S', 'HOST', 'PROVENANCE', 'Protocol',
+__all__ = ['PROTOCOLS', 'SOUND_ITERS', 'SOUND', 'LATER_KEYS', 'HEARTBEAT_S', 'CLAIM_STALE_S', 'HOST', 'PROVENANCE', 'Protocol',
            'register_protocol', 'get_protocol', 'Unit', 'portable_config', 'data_dir', 'plan', 'claim_live', 'Claim',
            'try_claim', 'run_unit', 'record_content', 'read_records', 'run_benchmark', 'estimate_seconds',
            'add_arguments', 'run_from_args', 'main']
@@ -105,12 +105,18 @@ class Unit:
 _PATHS = {'data': ('source_root', 'source_flow_root', 'target_root', 'target_flow_root'),
           'model': ('init',), 'train': ('out_root', 'device', 'resume')}
 
+LATER_KEYS = {'train.oracle_source': False}
+"Config keys added after benchmark records were first written, with their defaults: left out of a unit's key while they hold the default, so the records written before them stay valid."
+
 def portable_config(cfg) -> dict:
-    "The config as a dict without what does not change a result: name, data folders, device, output and init paths."
+    "The config as a dict without what does not change a result (name, data folders, device, output and init paths) and without `LATER_KEYS` at their defaults."
     d = config_to_dict(cfg)
     d.pop('name', None)
     for sec, keys in _PATHS.items():
         for k in keys: d[sec].pop(k, None)
+    for k, default in LATER_KEYS.items():
+        sec, name = k.split('.')
+        if d[sec].get(name, default) == default: d[sec].pop(name, None)
     return d
 
 def _hash(obj) -> str:

@@ -180,13 +180,17 @@ def step_pixmatch(ctx: StepContext, src: dict, tgt: dict) -> dict:
     return _self_training_step(ctx, src, tgt, 'current')
 
 def step_oracle(ctx: StepContext, src: dict, tgt: dict) -> dict:
-    "Oracle (upper bound): supervised on the target pair (d, c, flow d->c) with the target train labels."
+    "Oracle (upper bound): supervised on the target pair (d, c, flow d->c) with the target train labels; with `train.oracle_source` on the labelled source as well (a joint oracle)."
+    terms = {}
+    if ctx.cfg.train.oracle_source:                                   # the source term every adaptation method keeps
+        s = source_loss(ctx, reference_flows(ctx, src), tgt['d']); s['loss'].backward()
+        terms = logged_terms('src', s)
     tgt = reference_flows(ctx, tgt)
     with ctx.autocast():
         out = ctx.net(ctx.inp(tgt['d']), ctx.inp(tgt['c']), tgt['flow_dc'])
         s = seg_loss(out.fused_main, out.fused_aux, tgt['label'], ctx.cfg.train.lambda_aux, ctx.cfg.train.legacy_ce)
     s['loss'].backward()
-    return logged_terms('tgt', s)
+    return {**terms, **logged_terms('tgt', s)}
 
 # %% ../nbs/12_steps.ipynb #ae57993b
 def random_batches(cfg: Config, n: int = 1, seed: int = 0) -> list:

@@ -127,11 +127,11 @@ def check_init(cfg: Config):
 
 # %% ../nbs/14_train.ipynb #a0a47f88
 def _build_data(cfg: Config, info: dict, method: str) -> dict:
-    "The infinite loaders the method needs: 'tgt' always (the source step matches histograms to d), 'src' unless oracle."
+    "The infinite loaders the method needs: 'tgt' always (the source step matches histograms to d), 'src' unless oracle (a joint oracle too)."
     d, t = cfg.data, cfg.train
     kw = dict(batch_size=d.batch_size, rank=info['rank'], world_size=info['world_size'],
               num_workers=d.num_workers, pin_memory=info['device'].type == 'cuda')
-    ds = {} if method == 'oracle' else {'source': build_source(cfg)}
+    ds = {} if method == 'oracle' and not t.oracle_source else {'source': build_source(cfg)}
     ds['target train'] = build_target(cfg, 'train')
     check_datasets(cfg, ds, progress=info['rank'] == 0)                # every bad file at once, before any work
     name, small = min(ds.items(), key=lambda kv: len(kv[1]))                # the smallest dataset bounds the batch
