@@ -126,3 +126,31 @@ def test_full_benchmark_in_readme():
     assert table in README
     g = res['gpu_estimate']
     assert not g['measured'] and f"{g['seconds'] / 60:.0f} min" in README
+
+
+def test_joint_oracle_sanity_in_readme():
+    "Check (a) from a joint oracle (source and target labels): the notebook's table as written, and that it was a joint oracle."
+    res = _json('sanity_sound_joint')
+    assert res['oracle_overrides'] == {'train.oracle_source': True} and res['protocol'] == 'sound'
+    text = (RESULTS/'sanity_sound_joint'/'sanity.md').read_text().strip()
+    assert text in README and text == res['table'].strip()
+
+
+def test_held_out_curves_in_readme():
+    "The held-out curves' table (plateau verdicts) as the curves notebook wrote it, on the sound protocol and every method."
+    res = _json('curves')
+    assert res['protocol'] == 'sound' and len(res['seeds']) >= 2
+    assert set(res['methods']) == {'source_only', 'davsn', 'pixmatch', 'tps', 'oracle'}
+    text = (RESULTS/'curves'/'curves.md').read_text().strip()
+    assert text in README and text == res['table'].strip()
+
+
+def test_gap_sweep_statements_in_readme():
+    "The gap sweep runs through the harness with at least 3 seeds per shift, and README says of TPS against source-only at each shift what `tps.stats.statement` says."
+    from tps.stats import statement
+    res = _json('gap_sweep')
+    assert res['protocol']['name'] == 'sound'
+    for shift, v in res['benchmark'].items():
+        assert len(v['seeds']) >= 3, shift
+        p = next(p for p in v['comparisons'] if (p['a'], p['b']) == ('tps', 'source_only'))
+        assert statement(p) in README, (shift, statement(p))
