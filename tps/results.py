@@ -150,13 +150,14 @@ def format_differences(differences: dict) -> list:
     return out
 
 # %% ../nbs/17_results.ipynb #46be2388
-def pl_accuracy_summary(records: list, key: str = 'pl_acc') -> dict:
-    "Mean/std over `records` of the pseudo-label accuracy (`key`) of each run's first and last logging windows."
+def pl_accuracy_summary(records: list, key: str = 'pl_acc', span: float = 0.0) -> dict:
+    "Mean/std over `records` of the pseudo-label accuracy (`key`) at the start and end of each run: its first and last logging windows, or the mean of its first and last `span` of them (0.25: quarters)."
     start, end = [], []
     for r in records:
         vals = [m[key] for m in read_metrics(r['run_dir']) if m.get(key) is not None]
         if not vals: raise ValueError(f"{r['run_dir']}: metrics.jsonl has no {key} (a self-training run on labelled target frames logs it)")
-        start.append(vals[0]); end.append(vals[-1])
+        n = max(1, int(len(vals) * span))
+        start.append(sum(vals[:n]) / n); end.append(sum(vals[-n:]) / n)
     return {'start': mean_std(start), 'end': mean_std(end)}
 
 # %% ../nbs/17_results.ipynb #49cc523c
