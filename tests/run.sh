@@ -7,6 +7,7 @@ export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 # Every temporary file of the run (notebook tests' scratch folders, pytest's tmp_path) lives in one folder
 # that is removed at the end, pass or fail: repeated runs do not fill the disk.
 TPS_TEST_TMP="$(mktemp -d "${TMPDIR:-/tmp}/tps-tests-XXXXXX")"
+chmod 755 "$TPS_TEST_TMP"     # the docs tests' link checker drops root privileges to nobody, who must reach the site under it
 trap 'rm -rf "$TPS_TEST_TMP"' EXIT
 export TMPDIR="$TPS_TEST_TMP"
 
