@@ -89,7 +89,7 @@ def _parser(argv=()) -> argparse.ArgumentParser:
                    help='datasets to check (default: source train val)')
     sub.add_parser('flow', help='precompute optical flows (tps-flow; `tps flow --help`)', add_help=False)
     sub.add_parser('make-synthetic', help='write the synthetic benchmark (tps-make-synthetic)', add_help=False)
-    _demo_args(sub.add_parser('demo', help='the main job: synthetic data, every method x 2 seeds via papermill, table and figures'))
+    _demo_args(sub.add_parser('demo', help='the main job: synthetic data, every method on the sound protocol via papermill, table and figures'))
     from tps.harness import add_arguments as _benchmark_args     # light: torch is imported when it runs
     _benchmark_args(sub.add_parser('benchmark', help='the full benchmark: methods x seeds x draws on a protocol, resumable, with confidence intervals'))
     return p
@@ -106,7 +106,7 @@ def _demo_args(d: argparse.ArgumentParser):
     d.add_argument('--protocol', default=DEMO_PROTOCOL, help=f"a protocol of tps.harness on the demo's benchmark: its warm-up and "
                    f"adaptation iterations, overrides and lr schedule (default {DEMO_PROTOCOL}; 'demo': the 60-iteration one it replaced)")
     d.add_argument('--iters', type=int, default=None, help="iterations per method after the warm-up (default: the protocol's)")
-    d.add_argument('--seeds', type=int, nargs='+', default=None, help='training seeds (default 0 1)')
+    d.add_argument('--seeds', type=int, nargs='+', default=None, help='training seeds (default: tps.experiments.DEMO_SEEDS, one seed)')
     d.add_argument('--methods', nargs='+', default=None, choices=list(METHODS), metavar='METHOD',
                    help=f"rows of the table (default: all of {' '.join(METHODS)})")
     d.add_argument('--device', default='auto', help="'auto' (GPU when there is one), 'cuda' or 'cpu'")

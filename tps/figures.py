@@ -13,7 +13,7 @@ from .config import Config
 from .evaluate import predict
 from .teacher import pseudo_labels
 from .config import METHODS
-from .results import METHOD_NAMES, METHOD_COLORS, read_metrics, loss_terms
+from .results import METHOD_NAMES, METHOD_COLORS, read_metrics, loss_terms, pl_accuracy_ends
 
 # %% auto #0
 __all__ = ['curves_frame', 'plot_curves', 'plot_per_class', 'plot_calibration', 'pl_frame', 'plot_pl_accuracy', 'plot_gap_sweep',
@@ -146,10 +146,9 @@ def plot_gap_sweep(records: list, methods=None, width: float = 4.6):
     rows = []
     for r in records:
         if r['method'] != 'tps': continue
-        vals = [m['pl_acc'] for m in read_metrics(r['run_dir']) if m.get('pl_acc') is not None]
-        q = max(1, len(vals) // 4)                                  # quarters of the logging windows (one window is noisy)
-        if vals: rows += [(r['shift'], 'first quarter of the run', r['seed'], sum(vals[:q]) / q),
-                          (r['shift'], 'last quarter of the run', r['seed'], sum(vals[-q:]) / q)]
+        if not any(m.get('pl_acc') is not None for m in read_metrics(r['run_dir'])): continue
+        first, last = pl_accuracy_ends(r['run_dir'], span=0.25)    # quarters of the logging windows (one window is noisy)
+        rows += [(r['shift'], 'first quarter of the run', r['seed'], first), (r['shift'], 'last quarter of the run', r['seed'], last)]
     if rows:
         pl = pd.DataFrame(rows, columns=['shift', 'when', 'seed', 'accuracy'])
         sns.lineplot(data=pl, x='shift', y='accuracy', hue='when', palette={'first quarter of the run': '#f4a582', 'last quarter of the run': '#d62728'},

@@ -13,7 +13,7 @@ from .config import Config, METHODS, config_to_dict  # METHODS: re-exported, the
 # %% auto #0
 __all__ = ['METHOD_NAMES', 'METHOD_COLORS', 'CALIBRATION_TARGETS', 'read_metrics', 'loss_terms', 'mean_std', 'summarize',
            'format_table', 'parse_table_miou', 'jsonable', 'write_results', 'paired_differences', 'format_differences',
-           'pl_accuracy_summary', 'calibration_check']
+           'pl_accuracy_ends', 'pl_accuracy_summary', 'calibration_check']
 
 # %% ../nbs/17_results.ipynb #96ef10e7
 METHOD_NAMES = {**{k: m.label for k, m in METHODS.items()}, 'warmup': 'Source-only warm-up'}
@@ -150,15 +150,17 @@ def format_differences(differences: dict) -> list:
     return out
 
 # %% ../nbs/17_results.ipynb #46be2388
+def pl_accuracy_ends(run_dir, key: str = 'pl_acc', span: float = 0.0) -> tuple:
+    "The pseudo-label accuracy (`key`) a run logged at its start and end: its first and last logging windows, or the mean of its first and last `span` of them (0.25: quarters)."
+    vals = [m[key] for m in read_metrics(run_dir) if m.get(key) is not None]
+    if not vals: raise ValueError(f"{run_dir}: metrics.jsonl has no {key} (a self-training run on labelled target frames logs it)")
+    n = max(1, int(len(vals) * span))
+    return sum(vals[:n]) / n, sum(vals[-n:]) / n
+
 def pl_accuracy_summary(records: list, key: str = 'pl_acc', span: float = 0.0) -> dict:
-    "Mean/std over `records` of the pseudo-label accuracy (`key`) at the start and end of each run: its first and last logging windows, or the mean of its first and last `span` of them (0.25: quarters)."
-    start, end = [], []
-    for r in records:
-        vals = [m[key] for m in read_metrics(r['run_dir']) if m.get(key) is not None]
-        if not vals: raise ValueError(f"{r['run_dir']}: metrics.jsonl has no {key} (a self-training run on labelled target frames logs it)")
-        n = max(1, int(len(vals) * span))
-        start.append(sum(vals[:n]) / n); end.append(sum(vals[-n:]) / n)
-    return {'start': mean_std(start), 'end': mean_std(end)}
+    "Mean/std over `records` of `pl_accuracy_ends` of each run."
+    ends = [pl_accuracy_ends(r['run_dir'], key, span) for r in records]
+    return {'start': mean_std([s for s, _ in ends]), 'end': mean_std([e for _, e in ends])}
 
 # %% ../nbs/17_results.ipynb #49cc523c
 CALIBRATION_TARGETS = {'source_only_source_min': 60.0, 'oracle_min': 60.0, 'ratio_range': (0.40, 0.65)}
