@@ -328,3 +328,31 @@ def test_curves_notebook(tmp_path):
         v = res['plateau'][r['method']]
         assert v['max_deviation'] == pytest.approx(dev, abs=0.01) and v['holds'] == (dev <= 1.0)
     assert (tmp_path/'curves.png').stat().st_size > 1000 and (tmp_path/'curves.md').read_text() == res['table']
+
+
+@pytest.mark.slow   # papermill experiment runs
+def test_grid_notebook(tmp_path):
+    "The schedule grid: every cell is a curves.ipynb run with the cell's lr, poly power and length on one continuous schedule; the chosen cell is the rule's, recomputed from the cells' own results."
+    from tps.runs import run_config
+    cells = [[5e-3, 2.0, 8], [1e-2, 0.9, 4]]
+    params = dict(PROTOCOL='sound', CELLS=cells, CELL_ROOTS={}, METHODS=['source_only', 'tps'], SELECT_BY=['source_only', 'tps'],
+                  SEEDS=[0], HOLDOUT=1, POINTS=4, WARMUP_ITERS=2, DATA=TINY_GEN, DATA_DIR=str(tmp_path/'data'),
+                  OVERRIDES={**TINY, 'eval.bn_recompute': 2}, DEVICE='cpu', OUT_ROOT=str(tmp_path))
+    run_notebook(NB/'grid.ipynb', tmp_path/'grid.ipynb', stream=False, parameters=params)
+    res = json.loads((tmp_path/'results.json').read_text())
+    assert [c['name'] for c in res['cells']] == ['lr0.005_pow2_len8', 'lr0.01_pow0.9_len4']
+    for (lr, power, n), c in zip(cells, res['cells']):
+        cur = json.loads((Path(c['root'])/'results.json').read_text())
+        assert cur['iters'] == {'warmup': 2, 'adapt': n} and cur['every'] == n // 4
+        for r in cur['records']:
+            t = run_config(r['run_dir']).train
+            assert (t.lr, t.power, t.max_iters, t.schedule_start, t.iters) == (lr, power, 2 + n, 2, n)
+            assert c['end'][r['method']] == pytest.approx(r['curve'][-1][1], abs=1e-9)
+        assert c['plateau'] == {m: v['holds'] for m, v in cur['plateau'].items()}
+        assert c['select_score'] == pytest.approx((c['end']['source_only'] + c['end']['tps']) / 2, abs=1e-9)
+        assert c['adapt_start_lr'] == pytest.approx(lr * (1 - 2 / (2 + n)) ** power, rel=1e-9)
+    ok = [c for c in res['cells'] if all(c['plateau'].values())]
+    assert res['chosen'] == (max(ok, key=lambda c: c['select_score'])['name'] if ok else None)
+    assert (tmp_path/'grid.md').read_text().startswith(res['table']) and (tmp_path/'grid.png').stat().st_size > 1000
+    with pytest.raises(Exception, match=r'CELLS: expected \[lr > 0'):
+        run_notebook(NB/'grid.ipynb', tmp_path/'bad.ipynb', stream=False, parameters={**params, 'CELLS': [[0.0, 2.0, 8]]})

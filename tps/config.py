@@ -13,7 +13,8 @@ from .utils import atomic_write
 # %% auto #0
 __all__ = ['CLASS_NAMES', 'EVAL_DROP', 'IGNORE', 'METHODS', 'MAX_INTERVAL', 'RENAMED', 'DataConfig', 'ModelConfig', 'TrainConfig',
            'EvalConfig', 'Config', 'ConfigError', 'set_value', 'apply_overrides', 'parse_overrides', 'Method',
-           'method_defaults', 'validate', 'config_to_dict', 'config_from_dict', 'save_config', 'load_config']
+           'method_defaults', 'validate', 'schedule_span', 'config_to_dict', 'config_from_dict', 'save_config',
+           'load_config']
 
 # %% ../nbs/01_config.ipynb #e00e582f
 CLASS_NAMES = {
@@ -288,6 +289,13 @@ def validate(cfg: Config) -> Config:
     unknown = [d for d in cfg.eval.drop if d not in names]
     if unknown: raise bad('eval.drop', cfg.eval.drop, f"class names of the {setting} setting, some of {names} ({unknown} are not)")
     return cfg
+
+# %% ../nbs/01_config.ipynb #350a9da2
+def schedule_span(warmup_iters: int, iters) -> int:
+    "`train.max_iters` of one lr schedule over a warm-up of `warmup_iters` and the adaptation after it (`iters`: its iterations, or the iterations of each method run from the warm-up; the longest counts)."
+    longest = max(iters.values() if isinstance(iters, dict) else iters) if not isinstance(iters, int) else iters
+    if warmup_iters <= 0: raise ConfigError(f"a continued schedule needs a warm-up: warmup_iters={warmup_iters}, expected > 0")
+    return int(warmup_iters) + int(longest)
 
 # %% ../nbs/01_config.ipynb #43c0b21f
 def config_to_dict(cfg: Config) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy, hashlib, json, sys, threading, time
 from pathlib import Path
 from .utils import atomic_write
-from .config import Config, ConfigError, METHODS, method_defaults
+from .config import Config, ConfigError, METHODS, method_defaults, schedule_span
 from .presets import experiment_config
 from .data.build import build_source, build_target, check_datasets
 from .runs import config_changes, make_run_dir, resolve_checkpoint, run_config
@@ -202,8 +202,8 @@ def run_methods(cfg: Config, methods=METHODS, seeds=(0,), iters=None, warmup_ite
     out_root = Path(out_root)
     n_warm = (1 if warmup_seed is not None else len(seeds)) if warmup_iters else 0
     n_runs, k, records, shared = len(seeds) * len(methods) + n_warm, 0, [], None
-    total = warmup_iters + max(_iters_for(iters, m, cfg.train.iters) for m in methods) if continuous and warmup_iters else None
     if continuous and not warmup_iters: raise ConfigError("continuous=True continues a warm-up's schedule: needs warmup_iters > 0")
+    total = schedule_span(warmup_iters, [_iters_for(iters, m, cfg.train.iters) for m in methods]) if continuous else None
     t_all = time.perf_counter()
     for seed in seeds:
         init = ''

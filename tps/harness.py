@@ -8,7 +8,7 @@ import argparse, hashlib, json, os, socket, sys, threading, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from .utils import atomic_write
-from .config import config_to_dict
+from .config import config_to_dict, schedule_span
 from .presets import SMOKE_SYNTHETIC, experiment_config
 from .results import METHODS, METHOD_NAMES, jsonable
 
@@ -35,7 +35,7 @@ class Protocol:
     def schedule(self, method: str | None = None) -> dict:
         "`max_iters` and `schedule_start` of the warm-up (`method=None`) or of `method`'s run from it (`tps.experiments.method_config`)."
         if not self.continuous: return {'max_iters': self.warmup_iters} if method is None else {}
-        total = self.warmup_iters + max(self.iters.values())
+        total = schedule_span(self.warmup_iters, self.iters)
         return {'max_iters': total} if method is None else {'max_iters': total, 'schedule_start': self.warmup_iters}
 
     @property
