@@ -354,5 +354,7 @@ def test_grid_notebook(tmp_path):
     ok = [c for c in res['cells'] if all(c['plateau'].values())]
     assert res['chosen'] == (max(ok, key=lambda c: c['select_score'])['name'] if ok else None)
     assert (tmp_path/'grid.md').read_text().startswith(res['table']) and (tmp_path/'grid.png').stat().st_size > 1000
+    lines = res['table'].strip().splitlines()
+    assert len(lines) == 2 + len(cells) and len({l.count('|') for l in lines}) == 1     # a markdown table: one width
     with pytest.raises(Exception, match=r'CELLS: expected \[lr > 0'):
         run_notebook(NB/'grid.ipynb', tmp_path/'bad.ipynb', stream=False, parameters={**params, 'CELLS': [[0.0, 2.0, 8]]})
