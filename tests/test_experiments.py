@@ -353,6 +353,8 @@ def test_grid_notebook(tmp_path):
         assert c['adapt_start_lr'] == pytest.approx(lr * (1 - 2 / (2 + n)) ** power, rel=1e-9)
     ok = [c for c in res['cells'] if all(c['plateau'].values())]
     assert res['chosen'] == (max(ok, key=lambda c: c['select_score'])['name'] if ok else None)
+    for c in res['cells']: assert c['select_gain'] == pytest.approx(c['select_score'] - c['warmup_held_out'], abs=1e-9)
+    if len(ok) == 2: assert res['margin'] == pytest.approx(abs(ok[0]['select_score'] - ok[1]['select_score']), abs=1e-9)
     assert (tmp_path/'grid.md').read_text().startswith(res['table']) and (tmp_path/'grid.png').stat().st_size > 1000
     lines = res['table'].strip().splitlines()
     assert len(lines) == 2 + len(cells) and len({l.count('|') for l in lines}) == 1     # a markdown table: one width
