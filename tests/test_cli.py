@@ -242,7 +242,7 @@ def test_a_method_brings_its_own_model(smoke_data, tmp_path):
 def test_config_diff_prints_what_a_preset_changes():
     rc, out, err = _run(['config', 'tps_plus', '--diff'])
     assert rc == 0, err
-    assert out.splitlines() == ["tps_plus: changes from preset 'demo'", "  train.pl_weighting: 'none' -> 'quality'"]
+    assert out.splitlines() == ["tps_plus: changes from preset 'demo'", "  train.conf_threshold: 0.0 -> 0.9"]
     rc, out, _ = _run(['config', 'smoke', '--diff'])
     assert rc == 0 and "  train.iters: 300 -> 2" in out and "  data.target_size: [256, 128] -> [64, 32]" in out
     assert 'train.lr' not in out                                                           # smoke keeps the demo's lr

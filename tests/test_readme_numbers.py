@@ -55,15 +55,17 @@ def test_demo_before_and_after_in_readme():
 
 
 def test_ablation_checks_in_readme():
-    "README says of each check of the chosen recipe (seen seeds, unseen seeds, unseen draw) what `tps.stats.statement` says of its interval."
-    from tps.stats import statement
+    "README says of each check of the chosen recipe (seen seeds, unseen seeds, unseen draw) what `tps.stats.statement` says of its interval, and gives every variant's paired held-out interval as the file's values make it."
+    from tps.stats import statement, t_interval
     res = _json('ablation')
+    assert res['protocol'] == 'sound' and set(res['check']) == {'demo', 'unseen_seeds', 'unseen_data'}
     for tag, v in res['check'].items():
-        if 'statement' not in v:          # written before the ablation took a protocol (the 60-iteration one): per-seed lines
-            for l in format_differences(v['differences']): assert l in README, (tag, l)
-            continue
         assert v['statement'] in README, (tag, v['statement'])
-        if v['difference']: assert v['statement'] == statement(v['difference'], names={res['chosen']: f"TPS {res['chosen']}"})
+        assert v['statement'] == statement(v['difference'], names={res['chosen']: f"TPS {res['chosen']}"})
+    for k, v in res['selection'].items():
+        if k == 'tps': continue
+        lo, hi = t_interval(v['diff']['values'])
+        assert f"{k} {v['diff']['mean']:+.2f} [{lo:.2f}, {hi:.2f}]" in README, k
 
 
 def test_speed_ratio_in_readme():
@@ -154,3 +156,16 @@ def test_gap_sweep_statements_in_readme():
         assert len(v['seeds']) >= 3, shift
         p = next(p for p in v['comparisons'] if (p['a'], p['b']) == ('tps', 'source_only'))
         assert statement(p) in README, (shift, statement(p))
+
+
+def test_schedule_grid_in_readme():
+    "The schedule grid as grid.ipynb wrote it: its table and verdict in README, every method in every cell, and the chosen cell the rule's (plateau everywhere, then the best mean of the methods without target labels)."
+    res = _json('grid')
+    assert res['protocol'] == 'sound' and set(res['methods']) == {'source_only', 'davsn', 'pixmatch', 'tps', 'oracle'}
+    assert res['select_by'] == ['source_only', 'davsn', 'pixmatch', 'tps'] and len(res['cells']) >= 6
+    text = (RESULTS/'grid'/'grid.md').read_text().strip()
+    assert text == (res['table'] + '\n' + res['verdict']).strip() and res['table'].strip() in README and res['verdict'] in README
+    for c in res['cells']:
+        assert c['select_score'] == pytest.approx(sum(c['end'][m] for m in res['select_by']) / 4, abs=1e-9)
+    ok = [c for c in res['cells'] if all(c['plateau'].values())]
+    assert res['chosen'] == (max(ok, key=lambda c: c['select_score'])['name'] if ok else None)

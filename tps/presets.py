@@ -49,7 +49,7 @@ SMOKE = {'data.source_size': (64, 32), 'data.target_size': (64, 32), 'eval.input
          'train.device': 'cpu', 'train.deterministic': True, 'train.iters': 2, 'train.max_iters': 100,
          'train.save_every': 2, 'train.log_every': 1, 'train.keep_last': 0, 'model.channels_last': False, 'train.cpu_amp': 'fp32'}
 "What `smoke` changes from `demo`: 64x32 frames, two deterministic CPU iterations in fp32 with contiguous tensors (the tests' recorded numbers)."
-TPS_PLUS = {'train.pl_weighting': 'quality'}
+TPS_PLUS = {'train.conf_threshold': 0.9}
 "The improved recipe the `*_plus` presets add to TPS (chosen on held-out frames in `nbs/experiments/ablation.ipynb`)."
 
 # %% ../nbs/01_presets.ipynb #99bfeb91
