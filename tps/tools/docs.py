@@ -68,9 +68,8 @@ def results_section(root, notebook: str) -> str:
         if doc.get('comparison'):
             parts.append('\n'.join(f'- {l}' for l in format_differences(doc['comparison'])))
         for tag, v in (doc.get('check') or {}).items():            # the ablation's re-runs of its chosen recipe
-            if lines := format_differences(v.get('differences') or {}):
-                parts.append(f"Check `{tag}` (generation seed {v.get('data_seed')}, training seeds {v.get('seeds')}):\n\n"
-                             + '\n'.join(f'- {l}' for l in lines))
+            if v.get('statement'):                                  # tps.stats.statement of its paired interval
+                parts.append(f"Check `{tag}` (generation seed {v.get('data_seed')}, training seeds {v.get('seeds')}): {v['statement']}")
         for name, f in (doc.get('figures') or {}).items():
             fig = Path(root)/'figures'/Path(f).name
             if fig.is_file(): parts.append(f'![{name}](../../figures/{fig.name})')
