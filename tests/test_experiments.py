@@ -337,7 +337,8 @@ def test_grid_notebook(tmp_path):
     cells = [[5e-3, 2.0, 8], [1e-2, 0.9, 4]]
     params = dict(PROTOCOL='sound', CELLS=cells, CELL_ROOTS={}, METHODS=['source_only', 'tps'], SELECT_BY=['source_only', 'tps'],
                   SEEDS=[0], HOLDOUT=1, POINTS=4, WARMUP_ITERS=2, DATA=TINY_GEN, DATA_DIR=str(tmp_path/'data'),
-                  OVERRIDES={**TINY, 'eval.bn_recompute': 2}, DEVICE='cpu', OUT_ROOT=str(tmp_path))
+                  OVERRIDES={**TINY, 'eval.bn_recompute': 2}, DEVICE='cpu', OUT_ROOT=str(tmp_path),
+                  TOLERANCE=100.0, CONFIRM_SEEDS=[1])     # every tiny run "plateaus": a cell is chosen, and confirmed
     run_notebook(NB/'grid.ipynb', tmp_path/'grid.ipynb', stream=False, parameters=params)
     res = json.loads((tmp_path/'results.json').read_text())
     assert [c['name'] for c in res['cells']] == ['lr0.005_pow2_len8', 'lr0.01_pow0.9_len4']
@@ -358,5 +359,16 @@ def test_grid_notebook(tmp_path):
     assert (tmp_path/'grid.md').read_text().startswith(res['table']) and (tmp_path/'grid.png').stat().st_size > 1000
     lines = res['table'].strip().splitlines()
     assert len(lines) == 2 + len(cells) and len({l.count('|') for l in lines}) == 1     # a markdown table: one width
+    assert res['chosen'] is not None
+    conf, by = res['confirm'], {c['name']: c for c in res['cells']}
+    other = next(n for n in by if n != res['chosen'])
+    assert conf['against'] == other and conf['warmup_seeds'] == [0, 1]
+    assert conf['chosen'][0] == pytest.approx(by[res['chosen']]['select_score']) and conf['other'][0] == pytest.approx(by[other]['select_score'])
+    for k, vals in ((res['chosen'], conf['chosen']), (other, conf['other'])):
+        cur = json.loads((tmp_path/f'{k}_w1'/'results.json').read_text())
+        assert cur['warmup_seed'] == 1 and cur['seeds'] == [1]
+        assert vals[1] == pytest.approx(sum(r['curve'][-1][1] for r in cur['records']) / 2, abs=1e-9)
+    assert conf['diff'] == pytest.approx([a - b for a, b in zip(conf['chosen'], conf['other'])], abs=1e-9)
+    assert conf['holds'] == all(d > 0 for d in conf['diff']) and conf['text'] in (tmp_path/'grid.md').read_text()
     with pytest.raises(Exception, match=r'CELLS: expected \[lr > 0'):
         run_notebook(NB/'grid.ipynb', tmp_path/'bad.ipynb', stream=False, parameters={**params, 'CELLS': [[0.0, 2.0, 8]]})
