@@ -63,20 +63,22 @@ SOUND_ITERS = 300
 SOUND = {'eval.bn_recompute': 100, 'train.pl_size': 'score', 'train.power': 2.0, 'train.lambda_t': 0.1}
 "What the `sound` protocol changes from the demo's overrides (nbs/experiments/sanity.ipynb says why)."
 
-def _sound(name: str = 'sound', **changes):
-    "A `sound` protocol (or a candidate: `changes` on top of `SOUND`), made when first asked for."
+def _sound(name: str = 'sound', iters: int = SOUND_ITERS, **changes):
+    "A `sound` protocol (or a candidate: `iters` adaptation iterations, `changes` on top of `SOUND`), made when first asked for."
     def make() -> Protocol:
         from tps.experiments import DEMO_DATA, DEMO_ITERS, DEMO_OVERRIDES
-        return Protocol(name, 'demo', dict(DEMO_DATA), DEMO_ITERS['warmup'], {m: SOUND_ITERS for m in METHODS},
+        return Protocol(name, 'demo', dict(DEMO_DATA), DEMO_ITERS['warmup'], {m: int(iters) for m in METHODS},
                         {**DEMO_OVERRIDES, **SOUND, **changes}, continuous=True,
                         about="the demo's benchmark with one lr schedule over warm-up and adaptation, one budget for every "
                               "method, and batch norm statistics re-estimated on clean target frames before evaluation"
-                              + (f"; a candidate with {changes}" if changes else ''))
+                              + (f"; a candidate with {changes}" if changes else '')
+                              + (f"; {iters} adaptation iterations" if iters != SOUND_ITERS else ''))
     return register_protocol(make, name)
 
 _sound()
 _sound('sound_power0.9', **{'train.power': 0.9, 'train.lambda_t': 1.0})   # the first candidate: the demo's poly power and target weight
 _sound('sound_lambda1', **{'train.lambda_t': 1.0})                         # the second: the demo's target weight
+_sound('sound_600', iters=600)                                              # the schedule grid's choice (nbs/experiments/grid.ipynb)
 register_protocol(Protocol(
     'smoke', 'smoke', {**SMOKE_SYNTHETIC, 'shift': 0.6}, 2, {m: 2 for m in METHODS},
     {'data.check': 'off', 'train.log_every': 1}, about='the demo at 64x32 for 2 iterations: tests and quick checks'))
