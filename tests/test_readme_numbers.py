@@ -172,3 +172,12 @@ def test_schedule_grid_in_readme():
     conf = res['confirm']                                # the choice re-run on a new warm-up seed, paired with the cell it beat
     assert conf and len(conf['warmup_seeds']) >= 2 and conf['text'] in README and conf['text'] in text
     assert conf['holds'] == all(a > b for a, b in zip(conf['chosen'], conf['other']))
+    tps_so = [c['end']['tps'] - c['end']['source_only'] for c in res['cells']]
+    warm = [c['warmup_held_out'] for c in res['cells']]
+    for quoted in (f"{min(tps_so):+.2f} to {max(tps_so):+.2f} mIoU", f"{min(warm):.2f} to {max(warm):.2f}",
+                   f"more than {max(abs(c['select_gain']) for c in res['cells']):.2f} from", f"lead of {res['margin']:.2f}",
+                   f"still ahead, by {conf['diff'][1]:+.2f}",
+                   f"PixMatch is ahead of TPS in {sum(c['end']['pixmatch'] > c['end']['tps'] for c in res['cells'])} of {len(res['cells'])} cells",
+                   *(f"{min(g):.1f} to {max(g):.1f}" for g in ([c['end']['oracle'] - c['warmup_held_out'] for c in res['cells'] if c['power'] == pw]
+                                                              for pw in (0.9, 2.0)))):
+        assert quoted in README, quoted
