@@ -310,12 +310,15 @@ def test_run_methods_continuous_schedule(smoke_config, tmp_path):
 def test_curves_notebook(tmp_path):
     "Held-out curves: one point per kept checkpoint (the warm-up's first), each the held-out score of that checkpoint; the plateau verdict from the last quarter."
     from tps.evaluate import evaluate
-    from tps.runs import run_config
+    from tps.runs import run_config, resolve_checkpoint
     run_notebook(NB/'curves.ipynb', tmp_path/'curves.ipynb', stream=False, parameters=dict(
         PROTOCOL='sound', METHODS=['source_only', 'tps'], SEEDS=[0], HOLDOUT=1, EVERY=2, DATA=TINY_GEN,
         DATA_DIR=str(tmp_path/'data'), OVERRIDES={**TINY, 'eval.bn_recompute': 2}, ITERS={'warmup': 2, 'adapt': 8},
         DEVICE='cpu', OUT_ROOT=str(tmp_path)))
     res = json.loads((tmp_path/'results.json').read_text())
+    w = Path(res['warmup']['run_dir'])                   # the warm-up's score (cached in its folder) is that of its checkpoint
+    start = evaluate(run_config(res['records'][0]['run_dir']), resolve_checkpoint(w), split='holdout', progress=False)['miou']
+    assert res['warmup']['held_out'] == pytest.approx(start, abs=0.01) and list((w/'eval').glob('cache_holdout_*.json'))
     for r in res['records']:
         assert [i for i, _ in r['curve']] == [0, 2, 4, 6, 8]
         c = run_config(r['run_dir'])

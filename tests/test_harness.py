@@ -109,6 +109,10 @@ def test_plan_lists_done_and_open(tmp_path, capsys):
                  '--out', str(out), '--plan']) == 0
     lines = capsys.readouterr().out.split('\n')
     assert [l.split()[0] for l in lines if l] == ['done', 'done', 'done', 'open']
+    assert main(['--protocol', 'smoke', '--methods', 'source_only', '--seeds', '2', '--first-seed', '3', '--data-seeds', '0',
+                 '--out', str(out), '--plan']) == 0                 # seeds 3 and 4: their own units, open; the draw is done
+    keys = [l.split()[1] for l in capsys.readouterr().out.split('\n') if l]
+    assert keys == [u.key for u in plan('smoke', ['source_only'], [3, 4], [0], data_root=out/'data')]
     assert main(['--protocol', 'nope', '--out', str(out), '--plan']) == 2
     assert "unknown protocol 'nope'" in capsys.readouterr().err
 
@@ -131,6 +135,18 @@ def test_benchmark_full_notebook(tmp_path, repo):
     assert not g['measured'] and abs(g['train_seconds'] - 2 * 2 * (per['warmup'] + per['source_only'] + per['pixmatch'])) < 1
     assert g['per_iteration']['pixmatch']['flops'] > g['per_iteration']['source_only']['flops'] > 0
     assert abs(g['seconds'] - g['train_seconds'] - g['eval_seconds'] - g['data_seconds_cpu']) <= 2
+    res2 = tmp_path/'results_new'                # other seeds and another draw re-check its comparisons (REPLICATES)
+    pm.execute_notebook(str(repo/'nbs/experiments/benchmark_full.ipynb'), str(tmp_path/'benchmark_full_new.ipynb'),
+                        parameters={'PROTOCOL': 'smoke', 'METHODS': ['source_only', 'pixmatch'], 'SEEDS': [3], 'DRAWS': [2],
+                                    'OUT': str(out), 'RESULTS_DIR': str(res2), 'POLL': 0.1, 'REPLICATES': str(res/'results.json')},
+                        cwd=str(repo), kernel_name='python3', language='python', progress_bar=False)
+    new = json.loads((res2/'results.json').read_text())
+    assert {r['seed'] for r in new['records'] if r['kind'] == 'method'} == {3} and new['benchmark']['0.6']['draws'] == [2]
+    from tps.stats import replication
+    rep = new['replication']
+    assert rep['of'] == str(res/'results.json') and rep['rows'] == replication(doc['benchmark'], new['benchmark'])['rows']
+    assert [(r['a'], r['b'], r['new']['n']) for r in rep['rows']] == [('pixmatch', 'source_only', 1)]
+    assert (res2/'replication.md').read_text() == rep['markdown'] and 'PixMatch - Source-only' in rep['markdown']
 
 
 def test_interrupted_data_generation_is_redone(tmp_path):

@@ -9,9 +9,10 @@ from pathlib import Path
 from . import config as C
 from . import presets as P
 from .config import METHODS
+from .harness import DEFAULT_PROTOCOL
 
 # %% auto #0
-__all__ = ['DEMO_PROTOCOL', 'config_keys', 'demo_protocol', 'main']
+__all__ = ['config_keys', 'demo_protocol', 'main']
 
 # %% ../nbs/19_cli.ipynb #fb94e4ea
 def config_keys() -> list:
@@ -89,22 +90,19 @@ def _parser(argv=()) -> argparse.ArgumentParser:
                    help='datasets to check (default: source train val)')
     sub.add_parser('flow', help='precompute optical flows (tps-flow; `tps flow --help`)', add_help=False)
     sub.add_parser('make-synthetic', help='write the synthetic benchmark (tps-make-synthetic)', add_help=False)
-    _demo_args(sub.add_parser('demo', help='the main job: synthetic data, every method on the sound protocol via papermill, table and figures'))
+    _demo_args(sub.add_parser('demo', help="the main job: synthetic data, the methods on the kit's protocol via papermill, table and figures"))
     from tps.harness import add_arguments as _benchmark_args     # light: torch is imported when it runs
     _benchmark_args(sub.add_parser('benchmark', help='the full benchmark: methods x seeds x draws on a protocol, resumable, with confidence intervals'))
     return p
 
 # %% ../nbs/19_cli.ipynb #605ec8bf
-DEMO_PROTOCOL = 'sound'
-"The protocol `tps demo` runs unless `--protocol` says otherwise (`tps.harness.PROTOCOLS`)."
-
 def _demo_args(d: argparse.ArgumentParser):
     "The options of `tps demo`."
     d.add_argument('--out', default='runs/demo', help='runs, executed notebooks, results and figures go here')
     d.add_argument('--data', default=None, help='synthetic benchmark folder (written if missing; default data/synthetic, or data/synthetic_seed<N>)')
     d.add_argument('--data-seed', type=int, default=0, help='generation seed of the synthetic benchmark (default 0)')
-    d.add_argument('--protocol', default=DEMO_PROTOCOL, help=f"a protocol of tps.harness on the demo's benchmark: its warm-up and "
-                   f"adaptation iterations, overrides and lr schedule (default {DEMO_PROTOCOL}; 'demo': the 60-iteration one it replaced)")
+    d.add_argument('--protocol', default=DEFAULT_PROTOCOL, help=f"a protocol of tps.harness on the demo's benchmark: its warm-up and "
+                   f"adaptation iterations, overrides and lr schedule (default {DEFAULT_PROTOCOL}; 'demo': the 60-iteration one it replaced)")
     d.add_argument('--iters', type=int, default=None, help="iterations per method after the warm-up (default: the protocol's)")
     d.add_argument('--seeds', type=int, nargs='+', default=None, help='training seeds (default: tps.experiments.DEMO_SEEDS, one seed)')
     d.add_argument('--methods', nargs='+', default=None, choices=list(METHODS), metavar='METHOD',

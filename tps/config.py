@@ -293,7 +293,8 @@ def validate(cfg: Config) -> Config:
 # %% ../nbs/01_config.ipynb #350a9da2
 def schedule_span(warmup_iters: int, iters) -> int:
     "`train.max_iters` of one lr schedule over a warm-up of `warmup_iters` and the adaptation after it (`iters`: its iterations, or the iterations of each method run from the warm-up; the longest counts)."
-    longest = max(iters.values() if isinstance(iters, dict) else iters) if not isinstance(iters, int) else iters
+    if isinstance(iters, dict): iters = iters.values()       # per method: the longest run sets the schedule's end
+    longest = iters if isinstance(iters, int) else max(iters)
     if warmup_iters <= 0: raise ConfigError(f"a continued schedule needs a warm-up: warmup_iters={warmup_iters}, expected > 0")
     return int(warmup_iters) + int(longest)
 

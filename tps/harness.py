@@ -13,10 +13,10 @@ from .presets import SMOKE_SYNTHETIC, experiment_config
 from .results import METHODS, METHOD_NAMES, jsonable
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'SOUND_ITERS', 'SOUND', 'LATER_KEYS', 'HEARTBEAT_S', 'CLAIM_STALE_S', 'HOST', 'PROVENANCE', 'Protocol',
-           'register_protocol', 'get_protocol', 'Unit', 'portable_config', 'data_dir', 'plan', 'claim_live', 'Claim',
-           'try_claim', 'run_unit', 'record_content', 'read_records', 'run_benchmark', 'estimate_seconds',
-           'add_arguments', 'run_from_args', 'main']
+__all__ = ['PROTOCOLS', 'SOUND_ITERS', 'SOUND', 'DEFAULT_PROTOCOL', 'LATER_KEYS', 'HEARTBEAT_S', 'CLAIM_STALE_S', 'HOST',
+           'PROVENANCE', 'Protocol', 'register_protocol', 'get_protocol', 'Unit', 'portable_config', 'data_dir', 'plan',
+           'claim_live', 'Claim', 'try_claim', 'run_unit', 'record_content', 'read_records', 'run_benchmark',
+           'estimate_seconds', 'add_arguments', 'run_from_args', 'main']
 
 # %% ../nbs/17_harness.ipynb #ce522f22
 @dataclass
@@ -79,6 +79,8 @@ _sound()
 _sound('sound_power0.9', **{'train.power': 0.9, 'train.lambda_t': 1.0})   # the first candidate: the demo's poly power and target weight
 _sound('sound_lambda1', **{'train.lambda_t': 1.0})                         # the second: the demo's target weight
 _sound('sound_600', iters=600)                                              # the schedule grid's choice (nbs/experiments/grid.ipynb)
+DEFAULT_PROTOCOL = 'sound'
+"The kit's adaptation protocol: what `tps benchmark` and `tps demo` run unless `--protocol` says otherwise (`sound_600`, the schedule grid's choice, fails sanity check (a): nbs/experiments/grid.ipynb)."
 register_protocol(Protocol(
     'smoke', 'smoke', {**SMOKE_SYNTHETIC, 'shift': 0.6}, 2, {m: 2 for m in METHODS},
     {'data.check': 'off', 'train.log_every': 1}, about='the demo at 64x32 for 2 iterations: tests and quick checks'))
@@ -128,7 +130,7 @@ def data_dir(root, protocol, draw: int, shift: float) -> Path:
     "The folder of one benchmark draw: `root/<protocol's preset>_seed<draw>_shift<shift>` (as `tps.experiments.demo_data_dir` names draws)."
     return Path(root)/f'{get_protocol(protocol).preset}_seed{int(draw)}_shift{float(shift):g}'
 
-def plan(protocol='sound', methods=METHODS, seeds=range(5), draws=(0, 1), shifts=None, data_root='data',
+def plan(protocol=DEFAULT_PROTOCOL, methods=METHODS, seeds=range(5), draws=(0, 1), shifts=None, data_root='data',
          device: str | None = None) -> list:
     "Every unit of the benchmark, in run order."
     from tps.experiments import method_config
@@ -310,7 +312,7 @@ def _eta(units, done: set, records: dict) -> float:
     return sum(mean(secs.get(u.method) or every) for u in units if u.key not in done) if every else float('nan')
 
 # %% ../nbs/17_harness.ipynb #b5709e79
-def run_benchmark(protocol='sound', methods=METHODS, seeds=range(5), draws=(0, 1), shifts=None, out='runs/benchmark',
+def run_benchmark(protocol=DEFAULT_PROTOCOL, methods=METHODS, seeds=range(5), draws=(0, 1), shifts=None, out='runs/benchmark',
                   data_root=None, device: str | None = None, poll: float = 5.0, stale_after: float = CLAIM_STALE_S,
                   heartbeat: float = HEARTBEAT_S, log=print) -> list:
     "Run every unit of the benchmark that has no record in `out/records` yet (see above); returns every record."
@@ -357,16 +359,17 @@ def run_benchmark(protocol='sound', methods=METHODS, seeds=range(5), draws=(0, 1
     return [json.loads((rec_dir/f'{u.key}.json').read_text()) for u in units]
 
 # %% ../nbs/17_harness.ipynb #4c889b10
-def estimate_seconds(unit_seconds: dict, protocol='sound', methods=METHODS, seeds=range(5), draws=(0, 1), shifts=None) -> float:
+def estimate_seconds(unit_seconds: dict, protocol=DEFAULT_PROTOCOL, methods=METHODS, seeds=range(5), draws=(0, 1), shifts=None) -> float:
     "Seconds the benchmark takes given `unit_seconds` `{'data': s, 'warmup': s, method: s, ...}` per unit."
     return float(sum(unit_seconds[u.method] for u in plan(protocol, methods, seeds, draws, shifts, data_root='data')))
 
 # %% ../nbs/17_harness.ipynb #43040321
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "The options of `tps benchmark` on parser `p`."
-    p.add_argument('--protocol', default='sound', help=f"named protocol (default sound; one of {', '.join(sorted(PROTOCOLS))})")
+    p.add_argument('--protocol', default=DEFAULT_PROTOCOL, help=f"named protocol (default {DEFAULT_PROTOCOL}; one of {', '.join(sorted(PROTOCOLS))})")
     p.add_argument('--methods', nargs='+', default=list(METHODS), metavar='M', help=f"rows (default all: {' '.join(METHODS)})")
-    p.add_argument('--seeds', type=int, default=5, metavar='N', help='training seeds 0..N-1 (default 5)')
+    p.add_argument('--seeds', type=int, default=5, metavar='N', help='how many training seeds (default 5)')
+    p.add_argument('--first-seed', type=int, default=0, metavar='K', help='training seeds K..K+N-1 (default 0; e.g. 5 for seeds no earlier run used)')
     p.add_argument('--data-seeds', type=int, nargs='+', default=[0, 1], metavar='S', help='benchmark draws: generation seeds (default 0 1)')
     p.add_argument('--shifts', type=float, nargs='+', default=None, metavar='X', help="domain shifts (default: the protocol's, 0.6 for demo)")
     p.add_argument('--out', default='runs/benchmark', help='output folder: records, claims, runs, data (default runs/benchmark)')
@@ -381,7 +384,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_from_args(a) -> int:
     "Run `tps benchmark` from parsed arguments; prints the results table."
     from tps.stats import write_benchmark_results
-    kw = dict(protocol=a.protocol, methods=list(a.methods), seeds=list(range(a.seeds)), draws=list(a.data_seeds), shifts=a.shifts)
+    kw = dict(protocol=a.protocol, methods=list(a.methods), seeds=list(range(a.first_seed, a.first_seed + a.seeds)), draws=list(a.data_seeds), shifts=a.shifts)
     if a.plan:
         out = Path(a.out)
         for u in plan(**kw, data_root=a.data_root or out/'data', device=a.device):

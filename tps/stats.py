@@ -12,7 +12,7 @@ from .results import METHODS, METHOD_NAMES, METHOD_COLORS, summarize, format_tab
 
 # %% auto #0
 __all__ = ['t_interval', 'bootstrap_interval', 'paired', 'statement', 'comparisons', 'benchmark_summary', 'benchmark_markdown',
-           'forest_plot', 'machine_info', 'write_benchmark_results']
+           'replication', 'forest_plot', 'machine_info', 'write_benchmark_results']
 
 # %% ../nbs/17_stats.ipynb #f4cc1727
 def t_interval(values, level: float = 0.95) -> tuple:
@@ -101,6 +101,10 @@ def benchmark_summary(records: list, level: float = 0.95, n_boot: int = 10000) -
 def _ci(c) -> str:
     return '' if c[0] is None else f"[{c[0]:+.2f}, {c[1]:+.2f}]"
 
+def _pair_name(p: dict) -> str:
+    "'TPS - Source-only': the display names of comparison `p`'s two methods."
+    return f"{METHOD_NAMES.get(p['a'], p['a'])} - {METHOD_NAMES.get(p['b'], p['b'])}"
+
 def benchmark_markdown(bench: dict, title: str = '') -> str:
     "Markdown of `benchmark_summary`: per shift the mIoU table and the paired comparisons with their intervals, wins and sentence."
     lines = [f'# {title}', ''] if title else []
@@ -111,10 +115,39 @@ def benchmark_markdown(bench: dict, title: str = '') -> str:
                    'the pairs, the bootstrap one resamples seeds and draws.'), '',
                   '| comparison | mean | 95% CI (t) | 95% CI (bootstrap) | ahead | pairs |', '|---|---:|---:|---:|---:|---:|']
         for p in v['comparisons']:
-            name = f"{METHOD_NAMES.get(p['a'], p['a'])} - {METHOD_NAMES.get(p['b'], p['b'])}"
-            lines.append(f"| {name} | {p['mean']:+.2f} | {_ci(p['ci'])} | {_ci(p['ci_bootstrap'])} | {p['wins']} | {p['n']} |")
+            lines.append(f"| {_pair_name(p)} | {p['mean']:+.2f} | {_ci(p['ci'])} | {_ci(p['ci_bootstrap'])} | {p['wins']} | {p['n']} |")
         lines += [''] + [f'- {statement(p)}' for p in v['comparisons']] + ['']
     return '\n'.join(lines)
+
+# %% ../nbs/17_stats.ipynb #8ce42390
+def _significant(p: dict) -> bool:
+    lo, hi = p['ci']
+    return lo is not None and (lo > 0 or hi < 0)
+
+def replication(earlier: dict, new: dict) -> dict:
+    "Per shift, each comparison of `earlier` (a `benchmark_summary`) beside the same pair in `new` (other seeds, another draw): `{'rows', 'markdown', 'all_replicate'}`."
+    rows = []
+    for s, v in earlier.items():
+        if s not in new: continue
+        found = {(p['a'], p['b']): p for p in new[s]['comparisons']}
+        for p in v['comparisons']:
+            q = found.get((p['a'], p['b']))
+            if q is None: continue
+            claim = _significant(p)
+            rows.append({'shift': s, 'a': p['a'], 'b': p['b'], 'earlier': {k: p[k] for k in ('mean', 'ci', 'n', 'wins')},
+                         'new': {k: q[k] for k in ('mean', 'ci', 'n', 'wins')}, 'claimed': claim,
+                         'replicates': (q['mean'] * p['mean'] > 0) if claim else None, 'significant_new': _significant(q),
+                         'statement_earlier': statement(p), 'statement_new': statement(q),
+                         'seeds_new': new[s]['seeds'], 'draws_new': new[s]['draws']})
+    if not rows: raise ValueError("replication: the two benchmarks share no shift and comparison")
+    verdict = lambda r: '(no claim)' if r['replicates'] is None else ('yes' if r['replicates'] else '**no**')
+    md = ['| shift | comparison | earlier: mean [95% CI], ahead | new seeds and draw: mean [95% CI], ahead | significant before | same sign now (replicates) |',
+          '|---:|---|---:|---:|---|---|']
+    md += [f"| {r['shift']} | {_pair_name(r)} | {r['earlier']['mean']:+.2f} {_ci(r['earlier']['ci'])}, {r['earlier']['wins']}/{r['earlier']['n']} | "
+           f"{r['new']['mean']:+.2f} {_ci(r['new']['ci'])}, {r['new']['wins']}/{r['new']['n']} | {'yes' if r['claimed'] else 'no'} | {verdict(r)} |"
+           for r in rows]
+    claims = [r for r in rows if r['claimed']]
+    return {'rows': rows, 'markdown': '\n'.join(md) + '\n', 'all_replicate': all(r['replicates'] for r in claims) if claims else None}
 
 # %% ../nbs/17_stats.ipynb #c7608744
 def forest_plot(bench: dict):
@@ -129,7 +162,7 @@ def forest_plot(bench: dict):
         if p['ci_bootstrap'][0] is not None: ax.plot(p['ci_bootstrap'], [y - 0.18] * 2, color=col, lw=1.5, zorder=3)
         if p['ci'][0] is not None: ax.plot(p['ci'], [y, y], color=col, lw=4, alpha=0.8, zorder=3)
         ax.scatter([p['mean']], [y], s=40, color='black', zorder=4)
-    labels = [f"{METHOD_NAMES.get(p['a'], p['a'])} - {METHOD_NAMES.get(p['b'], p['b'])}" + (f" (shift {s})" if len(bench) > 1 else '')
+    labels = [_pair_name(p) + (f" (shift {s})" if len(bench) > 1 else '')
               for s, p in rows]
     ax.set_yticks(range(len(rows))); ax.set_yticklabels(labels[::-1])
     ax.axvline(0, color='grey', lw=1, ls='--')
