@@ -105,7 +105,7 @@ def test_sanity_check_in_readme():
     assert f"{s['pseudo_label_cost']:.2f} mIoU" in README
 
 
-@pytest.mark.parametrize('name', ['sanity_sound', 'sanity_sound_lambda1'])
+@pytest.mark.parametrize('name', ['sanity_sound', 'sanity_sound_lambda1', 'sanity_sound_unseen', 'sanity_sound600'])
 def test_sound_protocol_sanity_in_readme(name):
     "The sound protocol's sanity tables as written, its statements, and checks (b) and (d) at shift 0 as the file has them."
     res = _json(name)
@@ -181,3 +181,28 @@ def test_schedule_grid_in_readme():
                    *(f"{min(g):.1f} to {max(g):.1f}" for g in ([c['end']['oracle'] - c['warmup_held_out'] for c in res['cells'] if c['power'] == pw]
                                                               for pw in (0.9, 2.0)))):
         assert quoted in README, quoted
+
+
+def _tps_minus_source_only(res: dict) -> str:
+    "TPS minus source-only from the oracle's checkpoint, paired by seed (re-estimated statistics), as README writes it."
+    from tps.stats import t_interval
+    h = res['held_out']
+    x = [a - b for a, b in zip(h['tps']['bn_recomputed']['values'], h['source_only']['bn_recomputed']['values'])]
+    lo, hi = t_interval(x)
+    return f"{sum(x) / len(x):+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def test_sanity_on_unseen_seeds_and_the_grid_choice_in_readme():
+    "The sanity checks on unseen seeds and an unseen draw (under `sound`) and on the grid's choice (`sound_600`): what README says of check (a) is what the files say, and a protocol failing (a) is not the kit's default."
+    from tps.harness import DEFAULT_PROTOCOL, get_protocol
+    su, s6, sj = _json('sanity_sound_unseen'), _json('sanity_sound600'), _json('sanity_sound_joint')
+    assert su['protocol'] == 'sound' and s6['protocol'] == 'sound_600' and s6['iters']['adapt'] == get_protocol('sound_600').iters['tps'] == 600
+    for r in (su, s6): assert r['oracle_overrides'] == {'train.oracle_source': True}
+    assert not set(su['seeds']) & set(sj['seeds']) and su['data_seed'] != sj['data_seed']     # seeds and a draw nobody chose with
+    lose = lambda r, k: f"{-r['differences'][k]['mean']:.2f} [{-r['differences'][k]['ci'][1]:.2f}, {-r['differences'][k]['ci'][0]:.2f}]"
+    assert f"TPS loses {lose(su, 'tps')} mIoU and PixMatch {lose(su, 'pixmatch')}: check (a) holds for both" in README
+    assert all(su['differences'][k]['mean'] >= -2 for k in ('tps', 'pixmatch'))
+    fails = [k for k in ('tps', 'pixmatch') if s6['differences'][k]['mean'] < -2]
+    assert f"TPS loses {lose(s6, 'tps')} mIoU (check a {'fails' if 'tps' in fails else 'holds'})" in README
+    for r in (su, s6, sj): assert _tps_minus_source_only(r) in README
+    assert fails and DEFAULT_PROTOCOL == 'sound'                 # the grid's choice fails (a): the protocol stays sound
