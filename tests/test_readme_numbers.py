@@ -206,3 +206,25 @@ def test_sanity_on_unseen_seeds_and_the_grid_choice_in_readme():
     assert f"TPS loses {lose(s6, 'tps')} mIoU (check a {'fails' if 'tps' in fails else 'holds'})" in README
     for r in (su, s6, sj): assert _tps_minus_source_only(r) in README
     assert fails and DEFAULT_PROTOCOL == 'sound'                 # the grid's choice fails (a): the protocol stays sound
+
+
+def test_full_benchmark_replication_in_readme():
+    "The full benchmark's claims re-checked on training seeds and draws it did not use: the same protocol, disjoint seeds and draws, the replication table as `tps.stats.replication` makes it from the two files, and README's count of claims that keep their sign."
+    from tps.stats import replication
+    full, new = _json('benchmark_full'), _json('benchmark_unseen')
+    assert full['protocol']['name'] == new['protocol']['name'] == 'sound'
+    rep = new['replication']
+    assert rep['of'] == 'results/benchmark_full/results.json'
+    for s, v in new['benchmark'].items():
+        assert not set(v['seeds']) & set(full['benchmark'][s]['seeds']) and not set(v['draws']) & set(full['benchmark'][s]['draws'])
+    again = replication(full['benchmark'], new['benchmark'])
+    assert rep['rows'] == again['rows'] and rep['markdown'] == again['markdown']
+    assert rep['markdown'].strip() in README and (RESULTS/'benchmark_unseen'/'replication.md').read_text() == rep['markdown']
+    claims = [r for r in rep['rows'] if r['claimed']]
+    kept = sum(bool(r['replicates']) for r in claims)
+    again_sig = sum(r['replicates'] and r['significant_new'] for r in claims)
+    assert f"Of the {len(claims)} differences called significant above, **{kept} keep their sign** on the unseen seeds and draws, and {again_sig} of them" in README
+    for r in claims:                                         # a claim whose new interval includes 0 is said so, in the kit's words
+        if not r['significant_new']: assert f"- unseen seeds and draws: {r['statement_new']}" in README
+    t = new['timing']
+    assert f"{t['unit_seconds'] / 3600:.1f} h of unit time on this 2-core CPU (two invocations sharing the folder, {t['wall_seconds'] / 60:.0f} min wall)" in README
