@@ -375,3 +375,66 @@ def test_grid_notebook(tmp_path):
     assert conf['holds'] == all(d > 0 for d in conf['diff']) and conf['text'] in (tmp_path/'grid.md').read_text()
     with pytest.raises(Exception, match=r'CELLS: expected \[lr > 0'):
         run_notebook(NB/'grid.ipynb', tmp_path/'bad.ipynb', stream=False, parameters={**params, 'CELLS': [[0.0, 2.0, 8]]})
+
+
+@pytest.mark.slow   # papermill experiment runs
+def test_grid_sanity_notebook(tmp_path):
+    "The gated grid: the grid's plateaued cells best first, sanity.ipynb on each with the cell's schedule; the choice is the first cell whose checked methods lose at most LIMIT, recomputed from the runs; finished cells are read back, mismatched ones refused."
+    from tps.runs import run_config
+    grid = {'protocol': 'sound', 'warmup_iters': 2, 'protocol_cell': 'a', 'methods': ['source_only', 'tps'], 'select_by': ['source_only', 'tps'],
+            'seeds': [0], 'points': 2, 'tolerance': 100.0, 'holdout': 1, 'data_seed': 0, 'cells': [
+        {'name': 'a', 'lr': 5e-3, 'power': 2.0, 'iters': 2, 'select_score': 40.0, 'warmup_held_out': 39.0, 'plateau': {'tps': True}},
+        {'name': 'b', 'lr': 1e-2, 'power': 0.9, 'iters': 4, 'select_score': 45.0, 'warmup_held_out': 44.0, 'plateau': {'tps': True}},
+        {'name': 'c', 'lr': 2e-2, 'power': 0.9, 'iters': 2, 'select_score': 50.0, 'warmup_held_out': 49.0, 'plateau': {'tps': False}}]}
+    (tmp_path/'grid.json').write_text(json.dumps(grid))
+    params = dict(GRID=str(tmp_path/'grid.json'), KNOWN={}, SEEDS=[0, 1], HOLDOUT=1, METHODS=['source_only', 'tps'], CHECKED=['tps'],
+                  LIMIT=2.0, STOP_AT_PASS=False, SHIFT0=False, CONFIRM_SEEDS=[], DATA=TINY_GEN, DATA_DIR=str(tmp_path/'data'),
+                  OVERRIDES={**TINY, 'eval.bn_recompute': 2}, DEVICE='cpu', OUT_ROOT=str(tmp_path/'runs'), RESULTS_DIR=str(tmp_path/'res'))
+    run_notebook(NB/'grid_sanity.ipynb', tmp_path/'gs.ipynb', stream=False, parameters=params)
+    res = json.loads((tmp_path/'res'/'results.json').read_text())
+    assert res['order'] == ['b', 'a'] and [c['name'] for c in res['cells']] == ['b', 'a']     # c has not plateaued
+    first = {}
+    for c, g in zip(res['cells'], (grid['cells'][1], grid['cells'][0])):
+        doc = json.loads((tmp_path/'res'/c['name']/'results.json').read_text())
+        recs = doc['records']
+        for r in recs:                                              # every run on the cell's schedule, from its joint oracle
+            t = run_config(r['run_dir']).train
+            assert (t.lr, t.power, t.iters, t.max_iters, t.schedule_start) == (g['lr'], g['power'], g['iters'], 2 + g['iters'], 2)
+            assert t.oracle_source == (r['method'] == 'oracle')
+        by = lambda m: {r['seed']: r['result']['miou'] for r in recs if r['method'] == m}
+        loss = sum(by('tps')[s] - by('oracle')[s] for s in (0, 1)) / 2
+        assert c['minus_oracle']['tps']['mean'] == pytest.approx(loss, abs=0.011) and c['check_a'] == (loss >= -2.005)
+        so = sum(by('tps')[s] - by('source_only')[s] for s in (0, 1)) / 2
+        assert c['tps_minus_source_only']['mean'] == pytest.approx(so, abs=0.011) and c['ran_here']
+        first[c['name']] = sorted(r['run_dir'] for r in recs)
+    passing = [c['name'] for c in res['cells'] if c['check_a']]
+    assert res['chosen'] == (passing[0] if passing else None)
+    lines = res['table'].strip().splitlines()
+    assert len(lines) == 4 and len({l.count('|') for l in lines}) == 1
+    assert (tmp_path/'res'/'grid_sanity.md').read_text() == res['table'] + '\n' + res['verdict'] + '\n'
+    assert (tmp_path/'res'/'grid_sanity.png').stat().st_size > 1000
+    # a limit every cell passes: the first in order is chosen and the gate stops there; its shift-0 checks reuse its runs
+    run_notebook(NB/'grid_sanity.ipynb', tmp_path/'gs2.ipynb', stream=False,
+                 parameters={**params, 'LIMIT': 1000.0, 'STOP_AT_PASS': True, 'SHIFT0': True, 'CONFIRM_SEEDS': [1]})
+    res = json.loads((tmp_path/'res'/'results.json').read_text())
+    conf = res['confirm']             # the choice (b) beside the protocol's own cell (a) on warm-up seed 1, as the grid ran cells
+    assert conf['against'] == 'a' and conf['warmup_seeds'] == [0, 1]
+    assert conf['chosen'][0] == 45.0 and conf['other'][0] == 40.0 and conf['warmups'] == {'b': [44.0, conf['warmups']['b'][1]], 'a': [39.0, conf['warmups']['a'][1]]}
+    for k, g, vals in (('b', grid['cells'][1], conf['chosen']), ('a', grid['cells'][0], conf['other'])):
+        cur = json.loads((tmp_path/'runs'/'confirm'/f'{k}_w1'/'results.json').read_text())
+        assert cur['warmup_seed'] == 1 and cur['seeds'] == [1] and cur['iters'] == {'warmup': 2, 'adapt': g['iters']}
+        assert vals[1] == pytest.approx(sum(r['curve'][-1][1] for r in cur['records']) / 2, abs=1e-9)
+        assert conf['warmups'][k][1] == cur['warmup']['held_out']
+        for r in cur['records']: assert (run_config(r['run_dir']).train.lr, run_config(r['run_dir']).train.power) == (g['lr'], g['power'])
+    assert conf['diff'] == pytest.approx([a - b for a, b in zip(conf['chosen'], conf['other'])], abs=1e-9)
+    assert conf['gain_diff'][0] == pytest.approx(0.0, abs=1e-9) and conf['text'] in (tmp_path/'res'/'grid_sanity.md').read_text()
+    assert conf['holds'] == (all(d > 0 for d in conf['diff']) and conf['ci'][0] > 0)
+    assert [c['name'] for c in res['cells']] == ['b'] and res['chosen'] == 'b' and not res['cells'][0]['ran_here']
+    doc = json.loads((tmp_path/'res'/'b'/'results.json').read_text())
+    assert sorted(r['run_dir'] for r in doc['records']) == first['b']
+    assert res['shift0']['check_b'] == doc['shift0']['check_b'] and sorted(doc['shift0']['pl_acc_curves']) == ['0', '1']
+    assert 'not checked: a' in res['verdict']
+    with pytest.raises(Exception, match=r"res/b/results.json: not cell b's check.*seeds is \[0, 1\], expected \[0\]"):
+        run_notebook(NB/'grid_sanity.ipynb', tmp_path/'bad.ipynb', stream=False, parameters={**params, 'SEEDS': [0]})
+    with pytest.raises(Exception, match='GRID: .*missing.json does not exist'):
+        run_notebook(NB/'grid_sanity.ipynb', tmp_path/'bad.ipynb', stream=False, parameters={**params, 'GRID': str(tmp_path/'missing.json')})

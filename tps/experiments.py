@@ -18,7 +18,8 @@ from .results import METHOD_NAMES, jsonable, read_metrics, loss_terms
 # %% auto #0
 __all__ = ['QUICK_METHODS', 'DEMO_OVERRIDES', 'DEMO_MIX', 'DEMO_DATA', 'DEMO_ITERS', 'DEMO_SEEDS', 'DEMO_WARMUP_SEED',
            'CALIBRATION_STEPS', 'ABLATION_VARIANTS', 'check_data', 'method_config', 'data_digest', 'finished_run',
-           'run_method', 'warmup_run', 'run_methods', 'notebooks_dir', 'run_notebook', 'demo_data_dir', 'run_demo']
+           'run_method', 'warmup_run', 'run_methods', 'notebooks_dir', 'run_notebook', 'cell_name', 'run_schedule_cell',
+           'select_score', 'demo_data_dir', 'run_demo']
 
 # %% ../nbs/17_experiments.ipynb #95a8808a
 QUICK_METHODS = ('source_only', 'tps')
@@ -248,6 +249,27 @@ def run_notebook(src, dst, parameters: dict | None = None, stream: bool = True, 
                         progress_bar=False, log_output=False, cwd=str(cwd) if cwd else None,
                         stdout_file=sys.stdout if stream else None, stderr_file=sys.stderr if stream else None)
     return dst
+
+# %% ../nbs/17_experiments.ipynb #e68edb26
+def cell_name(lr: float, power: float, iters: int) -> str:
+    "The name of a schedule-grid cell: peak lr, poly power and adaptation iterations (`lr0.005_pow2_len300`)."
+    return f'lr{lr:g}_pow{power:g}_len{int(iters)}'
+
+def run_schedule_cell(root, protocol: str, lr: float, power: float, iters: int, warmup_iters: int, methods, seeds=(0,),
+                      warmup_seed: int = 0, points: int = 12, overrides: dict | None = None, **params) -> dict:
+    "`curves.ipynb` in `root` for one cell: `methods` x `seeds` from warm-up `warmup_seed`, peak `lr`, poly `power`, `iters` adaptation iterations, `points` scored checkpoints; `params`: its other parameters (`HOLDOUT`, `DATA_DIR`, ...). Its results.json."
+    root = Path(root); root.mkdir(parents=True, exist_ok=True)
+    run_notebook(notebooks_dir()/'curves.ipynb', root/'curves.ipynb', stream=False, parameters=dict(
+        PROTOCOL=protocol, METHODS=list(methods), SEEDS=list(seeds), WARMUP_SEED=int(warmup_seed), EVERY=int(iters) // int(points),
+        ITERS={'warmup': int(warmup_iters), 'adapt': int(iters)}, OUT_ROOT=str(root),
+        OVERRIDES={**(overrides or {}), 'train.lr': lr, 'train.power': power}, **params))
+    return json.loads((root/'results.json').read_text())
+
+def select_score(res: dict, methods) -> float:
+    "The mean end-of-run held-out score over `methods` (and the seeds) of one `curves.ipynb` result."
+    ends = [r['curve'][-1][1] for r in res['records'] if r['method'] in methods]
+    if not ends: raise ValueError(f"no run of {sorted(methods)} in this curves result (it has {sorted({r['method'] for r in res['records']})})")
+    return sum(ends) / len(ends)
 
 # %% ../nbs/17_experiments.ipynb #c19b39a2
 def demo_data_dir(data_seed: int = 0) -> Path:
