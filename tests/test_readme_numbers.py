@@ -183,6 +183,46 @@ def test_schedule_grid_in_readme():
         assert quoted in README, quoted
 
 
+
+def test_gated_grid_in_readme():
+    "The schedule grid gated by sanity check (a), as grid_sanity.ipynb wrote it: table, verdict and confirmation in README; the order the grid's, each cell's verdict recomputed from its own sanity results, the choice the first that passes."
+    res, grid = _json('grid_sanity'), _json('grid')
+    assert res['grid'] == 'results/grid/results.json' and res['protocol'] == grid['protocol'] == 'sound'
+    assert res['order'] == [c['name'] for c in sorted(grid['cells'], key=lambda c: -c['select_score']) if all(c['plateau'].values())]
+    assert res['seeds'] == [0, 1, 2] and res['oracle_overrides'] == {'train.oracle_source': True} and res['limit'] == 2.0
+    assert res['checked_methods'] == ['tps', 'pixmatch'] and res['holdout'] == 48
+    by = {c['name']: c for c in grid['cells']}
+    for c in res['cells']:
+        s = json.loads((REPO/c['results']/'results.json').read_text())
+        g = by[c['name']]
+        assert (s['seeds'], s['holdout'], s['oracle_overrides']) == (res['seeds'], res['holdout'], res['oracle_overrides'])
+        assert s['iters'] == {'warmup': grid['warmup_iters'], 'oracle': g['iters'], 'adapt': g['iters']}
+        if c['ran_here']: assert s['overrides'] == {'train.lr': g['lr'], 'train.power': g['power']}
+        for m in res['methods']: assert c['minus_oracle'][m]['mean'] == s['differences'][m]['mean']
+        assert c['check_a'] == all(s['differences'][m]['mean'] >= -res['limit'] for m in res['checked_methods'])
+    passing = [c['name'] for c in res['cells'] if c['check_a']]
+    assert res['chosen'] == (passing[0] if passing else None)
+    if res['chosen'] and res['stop_at_pass']: assert res['cells'][-1]['name'] == res['chosen']
+    md = (RESULTS/'grid_sanity'/'grid_sanity.md').read_text()
+    assert md.startswith(res['table'] + '\n' + res['verdict']) and res['table'].strip() in README and res['verdict'] in README
+    if res['confirm']:
+        conf = res['confirm']
+        assert conf['text'] in README and conf['text'] in md and conf['against'] == grid['protocol_cell']
+        assert conf['diff'] == pytest.approx([a - b for a, b in zip(conf['chosen'], conf['other'])], abs=1e-9)
+        assert conf['holds'] == (all(d > 0 for d in conf['diff']) and conf['ci'][0] is not None and conf['ci'][0] > 0)
+    if res['chosen']:                                    # what README says of the choice is the file's
+        c = next(c for c in res['cells'] if c['name'] == res['chosen'])
+        d, b = c['minus_oracle'], res['shift0']['tps_minus_source_only']
+        for quoted in (f"TPS loses {-d['tps']['mean']:.2f} [{-d['tps']['ci'][1]:.2f}, {-d['tps']['ci'][0]:.2f}]",
+                       f"{-d['pixmatch']['mean']:.2f} [{-d['pixmatch']['ci'][1]:.2f}, {-d['pixmatch']['ci'][0]:.2f}] (check a)",
+                       f"{b['mean']:+.2f} ± {b['std']:.2f} [{b['ci'][0]:+.2f}, {b['ci'][1]:+.2f}] mIoU (check b holds)",
+                       ', '.join(f'{x:+.2f}' for x in res['shift0']['pl_acc_last_minus_first_quarter']) + ' points'):
+            assert quoted in README, quoted
+        assert res['shift0']['check_b'] and res['shift0']['check_d']
+        if res['confirm'] and not res['confirm']['holds']:
+            assert f"it is {-res['confirm']['diff'][1]:.2f} behind" in README and '**The protocol stays `sound`.**' in README
+            assert f"within {max(abs(x) for x in res['confirm']['gain_diff']):.2f} of" in README
+
 def _tps_minus_source_only(res: dict) -> str:
     "TPS minus source-only from the oracle's checkpoint, paired by seed (re-estimated statistics), as README writes it."
     from tps.stats import t_interval
